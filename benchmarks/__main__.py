@@ -1,0 +1,276 @@
+"""Command line: ``python -m benchmarks NAME [--quick] [--seeds N] [--out DIR] [--threads T] [--quiet]``.
+
+``NAME`` is an experiment, ``all`` (every registered experiment, in order; a failing one is
+recorded and the others still run) or ``list`` (names, descriptions and config fields).
+Each experiment writes ``DIR/NAME/report.md`` and ``results.json``; ``DIR/index.md`` is
+regenerated after each one and its path printed at the end.
+
+Exit codes: 0 success; 1 an experiment (or an experiment module) failed, or, with
+``--strict``, a claim failed; 2 bad usage (unknown name, bad option, invalid config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks.registry import (
+    EXPERIMENT_MODULES,
+    REGISTRY,
+    Experiment,
+    Registry,
+    UnknownExperimentError,
+    config_fields,
+    make_config,
+)
+from benchmarks.report import INDEX_FILE, format_seconds
+from benchmarks.runner import export_thread_env, run_experiment
+
+EPILOG = """examples:
+  python -m benchmarks list
+  python -m benchmarks all --quick                 # what `make demo` runs
+  python -m benchmarks NAME --seeds 5 --threads 1
+  python -m benchmarks NAME --set n_users=500      # override a config field
+  python -m benchmarks all --set NAME.n_users=500  # under `all`, prefix the experiment
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m benchmarks``."""
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Run benchmark experiments and write Markdown + JSON reports.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", metavar="NAME", help="an experiment name, `all`, or `list`")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small profile (minutes on 2 cores) and 1 seed unless --seeds says otherwise",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of seeds, run as FIRST..FIRST+N-1 (default 3, or 1 with --quick)",
+    )
+    p.add_argument(
+        "--first-seed", type=int, default=0, metavar="FIRST", help="first seed (default 0)"
+    )
+    p.add_argument("--out", type=Path, default=Path("reports"), metavar="DIR", help="reports root")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="T",
+        help="threads for torch and faiss (default: the libraries' own)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (typed from its annotation); repeatable; "
+        "under `all` write NAME.KEY=VALUE",
+    )
+    p.add_argument(
+        "--module",
+        dest="modules",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="also import this module to register experiments (your own); repeatable",
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="exit 1 if any claim fails (not only on errors)"
+    )
+    return p
+
+
+def _describe(exp: Experiment) -> list[str]:
+    """Lines describing one experiment for ``list``."""
+    cls = exp.config_cls
+    lines = [
+        f"{exp.name}",
+        f"    {exp.description}",
+        f"    config: {cls.__module__}.{cls.__name__}",
+    ]
+    try:
+        full, quick = cls.full(), cls.quick()
+    except Exception as e:  # a broken profile should not hide the others
+        lines.append(f"    (cannot build its profiles: {type(e).__name__}: {e})")
+        full = quick = None
+    for f in config_fields(cls):
+        if full is not None:
+            v_full, v_quick = getattr(full, f.name), getattr(quick, f.name)
+            value = f"{v_full!r}" + (f" (quick: {v_quick!r})" if v_quick != v_full else "")
+        else:
+            value = repr(f.default)
+        lines.append(f"    --set {f.name}=  [{f.type_name}] {value}")
+        lines.append(f"          {f.help}")
+    return lines
+
+
+def _split_overrides(
+    items: Sequence[str], selected: Sequence[Experiment], registry: Registry, all_mode: bool
+) -> dict[str, dict[str, str]]:
+    """Map ``--set`` items to experiment -> {field: text}; raises ValueError on misuse."""
+    out: dict[str, dict[str, str]] = {e.name: {} for e in selected}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        prefix, dot, rest = key.partition(".")
+        if dot and prefix in registry:
+            if prefix not in out:
+                raise ValueError(f"--set {item!r} names experiment {prefix!r}, which is not run")
+            target, key = prefix, rest
+        elif all_mode:
+            raise ValueError(f"under `all`, --set needs NAME.KEY=VALUE, got {item!r}")
+        else:
+            target = selected[0].name
+        if key in out[target]:
+            raise ValueError(f"--set gives {target}.{key} twice")
+        out[target][key] = value
+    return out
+
+
+def _command(
+    exp: Experiment, args: argparse.Namespace, n_seeds: int, overrides: dict[str, str]
+) -> str:
+    """The canonical single-experiment command that reproduces this run's numbers."""
+    parts = ["python", "-m", "benchmarks", exp.name]
+    if args.quick:
+        parts.append("--quick")
+    parts += ["--seeds", str(n_seeds)]
+    if args.first_seed:
+        parts += ["--first-seed", str(args.first_seed)]
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    for k, v in overrides.items():
+        parts += ["--set", f"{k}={v}"]
+    if exp.module not in EXPERIMENT_MODULES and exp.module != "__main__":
+        parts += ["--module", exp.module]
+    return shlex.join(parts)
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    registry: Registry | None = None,
+    modules: Sequence[str] | None = None,
+) -> int:
+    """Run the command line.
+
+    Args:
+        argv: arguments without the program name (defaults to ``sys.argv[1:]``).
+        registry: the registry to use (defaults to the process-wide one).
+        modules: experiment modules to import (defaults to ``EXPERIMENT_MODULES``).
+
+    Returns:
+        The exit code.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.first_seed < 0:
+        parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    export_thread_env(args.threads)  # before experiment modules import torch / faiss
+
+    registry = REGISTRY if registry is None else registry
+    to_load = list(EXPERIMENT_MODULES if modules is None else modules) + list(args.modules)
+    import_failed = registry.load(to_load)
+    for mod, tb in import_failed.items():
+        print(f"error: could not import experiment module {mod!r}:\n{tb}", file=sys.stderr)
+
+    if args.name == "list":
+        if len(registry) == 0:
+            print("No experiments registered (benchmarks.registry.EXPERIMENT_MODULES is empty).")
+        else:
+            print(f"{len(registry)} experiment(s); run one with `python -m benchmarks NAME`:\n")
+            for exp in registry:
+                print("\n".join(_describe(exp)) + "\n")
+        return 1 if import_failed else 0
+
+    if args.name == "all":
+        selected = list(registry)
+        if not selected:
+            print(
+                "No experiments registered (benchmarks.registry.EXPERIMENT_MODULES is empty); "
+                "nothing to run."
+            )
+            return 1 if import_failed else 0
+    else:
+        try:
+            selected = [registry.get(args.name)]
+        except UnknownExperimentError as e:
+            print(f"python -m benchmarks: error: {e}", file=sys.stderr)
+            print("see `python -m benchmarks list`", file=sys.stderr)
+            return 2
+
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+    seeds = tuple(range(args.first_seed, args.first_seed + n_seeds))
+    try:
+        overrides = _split_overrides(args.overrides, selected, registry, args.name == "all")
+        configs = {
+            e.name: make_config(e.config_cls, args.quick, overrides[e.name]) for e in selected
+        }
+    except ValueError as e:
+        print(f"python -m benchmarks: error: {e}", file=sys.stderr)
+        return 2
+
+    order = registry.names()
+    outcomes = []
+    t0 = time.perf_counter()
+    for i, exp in enumerate(selected, 1):
+        if not args.quiet:
+            print(f"[{i}/{len(selected)}] {exp.name}: running", file=sys.stderr, flush=True)
+        outcome = run_experiment(
+            exp,
+            configs[exp.name],
+            out_root=args.out,
+            seeds=seeds,
+            quick=args.quick,
+            command=_command(exp, args, n_seeds, overrides[exp.name]),
+            overrides=overrides[exp.name],
+            threads=args.threads,
+            quiet=args.quiet,
+            order=order,
+        )
+        outcomes.append(outcome)
+        if not args.quiet or not outcome.ok:
+            status = "ok" if outcome.ok else "FAILED"
+            print(
+                f"[{i}/{len(selected)}] {exp.name}: {status} in "
+                f"{format_seconds(outcome.wall_time_s)}; claims {outcome.n_pass} PASS / "
+                f"{outcome.n_fail} FAIL; {outcome.report_path}",
+                file=sys.stderr,
+                flush=True,
+            )
+    index = Path(args.out) / INDEX_FILE  # regenerated after every experiment
+    failed = [o.name for o in outcomes if not o.ok]
+    if not args.quiet and len(selected) > 1:
+        print(f"total wall time {format_seconds(time.perf_counter() - t0)}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} experiment(s) failed: {', '.join(failed)}", file=sys.stderr)
+    print(f"Reports index: {index}")
+    if failed or import_failed:
+        return 1
+    if args.strict and any(o.n_fail for o in outcomes):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,791 @@
+"""The report writer: ``reports/NAME/report.md`` + ``results.json`` + PNGs, and the index.
+
+An experiment fills a :class:`Report` through its :class:`~benchmarks.runner.RunContext`
+(``ctx.report``) and never writes Markdown by hand::
+
+    rows = aggregate_over_seeds(per_seed_rows, by=["world", "policy", "model"],
+                                metrics=["recall@100", "wall_s"])
+    report.table("Recall", rows, fmt={"recall@100": ".3f", "wall_s": ".1f"})
+    report.claim_compare("two towers beat top-popular", rows[0]["recall@100"], ">",
+                         rows[1]["recall@100"], measured_name="two-tower",
+                         reference_name="popular")
+    report.figure("recall_vs_k", fig, "Recall@K against K", data={"k": ks, "recall": r})
+    report.headline(f"two-tower recall@100 = {rows[0]['recall@100'].format('.3f')}")
+
+Verdicts are computed from the numbers (``claim_compare``) or passed as a bool computed by
+the experiment (``claim``); the Markdown says PASS or FAIL next to the evidence.
+``write()`` renders both files first and then replaces each atomically (temp file +
+``os.replace``), so a failure never leaves a half-written file. results.json is strict JSON:
+numpy types are converted and NaN / inf become ``null``, listed under ``non_finite``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import io
+import json
+import math
+import operator
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.provenance import Provenance
+from benchmarks.stats import aggregate_over_seeds, format_number
+
+__all__ = [
+    "RunInfo",
+    "Claim",
+    "Report",
+    "to_jsonable",
+    "atomic_write",
+    "write_index",
+    "ROW_KEYS",
+    "REPORT_FILE",
+    "RESULTS_FILE",
+    "INDEX_FILE",
+]
+
+REPORT_FILE = "report.md"
+RESULTS_FILE = "results.json"
+INDEX_FILE = "index.md"
+SCHEMA_VERSION = 1
+ROW_KEYS = ("world", "policy", "model")  # every results row names these, plus seeds and wall time
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    "<": operator.lt,
+    "<=": operator.le,
+    ">": operator.gt,
+    ">=": operator.ge,
+}
+
+
+# --------------------------------------------------------------------------- JSON and files
+
+
+def to_jsonable(value: Any, path: str = "$", non_finite: list[str] | None = None) -> Any:
+    """Convert ``value`` to strict-JSON types (dict / list / str / int / float / bool / None).
+
+    numpy scalars and arrays become Python numbers and lists; tuples become lists; dataclass
+    instances become dicts of their fields; objects with ``to_json()`` (the summaries of
+    :mod:`benchmarks.stats`) use it; enums become their name; paths become strings.
+    NaN and infinities become ``None`` and their location is appended to ``non_finite``.
+
+    Args:
+        value: the value to convert.
+        path: location of ``value`` used in messages and in ``non_finite`` (JSONPath-like).
+        non_finite: list that collects the paths of non-finite floats (optional).
+
+    Returns:
+        The converted value.
+
+    Raises:
+        ValueError: for a type with no JSON form (names the path and the type), or a dict
+            key that is not a string, int or enum.
+    """
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isfinite(v):
+            return v
+        if non_finite is not None:
+            non_finite.append(path)
+        return None
+    if hasattr(value, "to_json") and callable(value.to_json):
+        return to_jsonable(value.to_json(), path, non_finite)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: to_jsonable(getattr(value, f.name), f"{path}.{f.name}", non_finite)
+            for f in dataclasses.fields(value)
+        }
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise ValueError(f"{path}: numpy array of dtype {value.dtype} has no JSON form")
+        return to_jsonable(value.tolist(), path, non_finite)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if isinstance(k, enum.Enum):
+                k = k.name
+            elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+                k = str(int(k))
+            elif not isinstance(k, str):
+                raise ValueError(f"{path}: dict key {k!r} must be a str, int or enum")
+            out[k] = to_jsonable(v, f"{path}.{k}", non_finite)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, f"{path}[{i}]", non_finite) for i, v in enumerate(value)]
+    raise ValueError(f"{path}: value of type {type(value).__name__} has no JSON form")
+
+
+def atomic_write(path: Path | str, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: a temp file in the same folder, then os.replace.
+
+    Readers see either the old file or the complete new one, never a partial file; on any
+    error the temp file is removed and the old file (if any) is left untouched.
+
+    Args:
+        path: destination file; its folder is created if missing.
+        data: text (written as UTF-8) or bytes.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def _dumps(obj: Any) -> str:
+    """Strict JSON text (raises on NaN) with stable formatting."""
+    return json.dumps(obj, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+# --------------------------------------------------------------------------- Markdown helpers
+
+
+def _md_escape(text: str) -> str:
+    """Make ``text`` safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
+
+
+def _cell(value: Any, spec: str) -> str:
+    """Render one table cell: summaries via ``format(spec)``, numbers via ``spec``."""
+    if isinstance(value, str):
+        return _md_escape(value)
+    if hasattr(value, "to_json") and hasattr(value, "format"):
+        return _md_escape(value.format(spec))
+    if value is None or isinstance(value, (int, float, np.integer, np.floating, np.bool_)):
+        return format_number(value, spec)
+    return _md_escape(str(value))
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(_md_escape(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def format_seconds(seconds: float | None) -> str:
+    """Human-readable wall time: ``"0.42 s"``, ``"12.3 s"``, ``"4.2 min"``."""
+    if seconds is None:
+        return "—"
+    if seconds < 10:
+        return f"{seconds:.2f} s"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min"
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What was asked for: the experiment, its config, its seeds, its profile.
+
+    Attributes:
+        name: experiment name (the report folder's name).
+        description: one-paragraph description shown under the title.
+        config: the experiment's config (a dataclass instance).
+        seeds: the seeds the run covers, in order.
+        quick: True for the ``--quick`` profile.
+        overrides: the ``--set key=value`` overrides applied, as given.
+    """
+
+    name: str
+    description: str
+    config: Any
+    seeds: tuple[int, ...]
+    quick: bool
+    overrides: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of an experiment and its verdict.
+
+    Attributes:
+        text: the claim, stated as a hypothesis ("two towers beat top-popular on recall").
+        passed: the verdict computed from the numbers.
+        evidence: the numbers behind the verdict.
+    """
+
+    text: str
+    passed: bool
+    evidence: str
+
+    @property
+    def verdict(self) -> str:
+        """``"PASS"`` or ``"FAIL"``."""
+        return "PASS" if self.passed else "FAIL"
+
+    def line(self) -> str:
+        """The Markdown verdict line."""
+        return f"- **{self.verdict}** — {self.text} — {self.evidence}"
+
+
+class Report:
+    """Collects an experiment's tables, claims, figures and results, and writes them.
+
+    Content (sections, tables, figures) is rendered in the order it is added; claims are
+    gathered at the top under the headline; "what was run" (command, seeds, config, versions,
+    commit, machine, wall time) closes the report.
+
+    Args:
+        info: what was run.
+        out_dir: the experiment's report folder (``reports/NAME``); created on write.
+        provenance: command, versions, commit, machine, start time.
+    """
+
+    def __init__(self, info: RunInfo, out_dir: Path | str, provenance: Provenance) -> None:
+        self.info = info
+        self.out_dir = Path(out_dir)
+        self.provenance = provenance
+        self._headline: str | None = None
+        self._items: list[tuple[str, dict[str, Any]]] = []
+        self._claims: list[Claim] = []
+        self._figures: list[dict[str, Any]] = []
+        self._tables: list[dict[str, Any]] = []
+        self._results: dict[str, Any] = {}
+        self._error: str | None = None
+        self._non_finite_added: list[str] = []  # NaN/inf found when tables/figures were added
+
+    # ----------------------------------------------------------------- building
+
+    def headline(self, text: str) -> None:
+        """Set the one-line headline shown under the title and in ``reports/index.md``."""
+        self._headline = " ".join(str(text).split())
+
+    def section(self, title: str, text: str = "") -> None:
+        """Add a ``## title`` section with free Markdown text (method, observations...)."""
+        self._items.append(("section", {"title": str(title), "text": str(text)}))
+
+    def table(
+        self,
+        title: str,
+        rows: Sequence[Mapping[str, Any]],
+        columns: Sequence[str] | None = None,
+        fmt: str | Mapping[str, str] | None = None,
+        note: str = "",
+    ) -> None:
+        """Add a results table (also stored in results.json under ``tables``).
+
+        Cells may be numbers, strings, ``None`` (rendered "—") or summaries from
+        :mod:`benchmarks.stats` (``MeanStd`` renders "mean ± std", and so on).
+
+        Args:
+            title: the table's heading.
+            rows: one mapping per row.
+            columns: column order; defaults to every key in first-appearance order.
+            fmt: a format spec for every number (``".3f"``), or a per-column mapping
+                (columns not named use ``".4g"``).
+            note: text printed under the table (e.g. what "±" means).
+
+        Raises:
+            ValueError: if there are no rows or ``columns`` names an unknown key.
+        """
+        rows = [dict(r) for r in rows]
+        if not rows:
+            raise ValueError(f"table {title!r}: rows must not be empty")
+        if columns is None:
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+        columns = [str(c) for c in columns]
+        known = {k for r in rows for k in r}
+        unknown = [c for c in columns if c not in known]
+        if unknown:
+            raise ValueError(f"table {title!r}: columns {unknown} appear in no row")
+        if isinstance(fmt, Mapping):
+            specs = {c: fmt.get(c, ".4g") for c in columns}
+        else:
+            specs = {c: fmt or ".4g" for c in columns}
+        non_finite: list[str] = []
+        json_rows = to_jsonable(
+            [{c: r.get(c) for c in columns} for r in rows],
+            f"$.tables[{len(self._tables)}].rows",
+            non_finite,
+        )
+        self._non_finite_added += non_finite
+        cells = [[_cell(r.get(c), specs[c]) for c in columns] for r in rows]
+        entry = {"title": str(title), "columns": columns, "rows": json_rows, "note": str(note)}
+        self._tables.append(entry)
+        self._items.append(("table", {"title": str(title), "md": _md_table(columns, cells)}))
+        if note:
+            self._items[-1][1]["note"] = str(note)
+
+    def seed_table(
+        self,
+        title: str,
+        per_seed_rows: Sequence[Mapping[str, Any]],
+        metrics: Sequence[str],
+        by: Sequence[str] = ROW_KEYS,
+        fmt: str | Mapping[str, str] | None = None,
+        note: str = "",
+    ) -> list[dict[str, Any]]:
+        """Aggregate one row per (setting, seed) into "mean ± std" rows and add the table.
+
+        Every row names its world config, behaviour policy, model config, seed and wall
+        time (the evaluation protocol's rule): each input row must have the ``by`` keys
+        (default ``world``, ``policy``, ``model``), ``seed`` and ``wall_s``; the table shows
+        ``by``, ``seeds``, the metrics and ``wall_s`` (mean ± std seconds per seed).
+
+        Args:
+            title: the table's heading.
+            per_seed_rows: one row per setting and seed.
+            metrics: the numeric columns to aggregate (``wall_s`` is added last).
+            by: the columns naming a setting.
+            fmt: format specs, as for :meth:`table`.
+            note: text under the table; a sentence saying what "±" means is appended.
+
+        Returns:
+            The aggregated rows (cells are :class:`~benchmarks.stats.MeanStd`), e.g. for
+            :meth:`claim_compare`.
+        """
+        metrics = [m for m in metrics if m != "wall_s"] + ["wall_s"]
+        rows = aggregate_over_seeds(per_seed_rows, by=by, metrics=metrics)
+        n = max(len(r["seeds"].split(",")) for r in rows)
+        std_note = (
+            f"Cells are mean ± sample std over {n} seeds; wall_s is seconds per seed."
+            if n > 1
+            else "One seed per row (no std); wall_s is seconds."
+        )
+        self.table(title, rows, [*by, "seeds", *metrics], fmt, f"{note} {std_note}".strip())
+        return rows
+
+    def claim(self, text: str, passed: bool, evidence: str) -> Claim:
+        """Record a claim whose verdict the experiment computed from its numbers.
+
+        Args:
+            text: the claim.
+            passed: the verdict (a Python or numpy bool, computed, never a literal).
+            evidence: the numbers behind it, e.g. ``"recall 0.41 vs 0.30"``.
+
+        Returns:
+            The recorded :class:`Claim`.
+
+        Raises:
+            ValueError: if ``passed`` is not a bool.
+        """
+        if not isinstance(passed, (bool, np.bool_)):
+            raise ValueError(
+                f"claim {text!r}: passed must be a bool, got {type(passed).__name__} {passed!r}"
+            )
+        c = Claim(" ".join(str(text).split()), bool(passed), " ".join(str(evidence).split()))
+        self._claims.append(c)
+        return c
+
+    def claim_compare(
+        self,
+        text: str,
+        measured: Any,
+        op: str,
+        reference: Any,
+        *,
+        measured_name: str = "measured",
+        reference_name: str = "reference",
+        spec: str = ".4g",
+    ) -> Claim:
+        """Record a claim of the form ``measured OP reference`` and compute its verdict.
+
+        Summaries (``MeanStd``, ``ConfidenceInterval``, ``OnlineSummary``) compare on their
+        mean and show in full in the evidence. A NaN on either side fails the claim.
+
+        Args:
+            text: the claim.
+            measured: the measured value (number or summary with a ``mean``).
+            op: one of ``<``, ``<=``, ``>``, ``>=``.
+            reference: the threshold or the baseline's value.
+            measured_name: label of ``measured`` in the evidence.
+            reference_name: label of ``reference`` in the evidence.
+            spec: format spec for the numbers in the evidence.
+
+        Returns:
+            The recorded :class:`Claim`.
+
+        Raises:
+            ValueError: for an unknown ``op``.
+        """
+        if op not in _OPS:
+            raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
+        lhs, rhs = _point(measured), _point(reference)
+        passed = (not (math.isnan(lhs) or math.isnan(rhs))) and bool(_OPS[op](lhs, rhs))
+        evidence = (
+            f"{measured_name} = {_cell(measured, spec)} {op} "
+            f"{reference_name} = {_cell(reference, spec)}: "
+            + ("holds" if passed else "does not hold")
+        )
+        return self.claim(text, passed, evidence)
+
+    def figure(
+        self,
+        name: str,
+        fig: Any,
+        caption: str,
+        data: Mapping[str, Any] | None = None,
+        dpi: int = 110,
+    ) -> Path:
+        """Save a matplotlib figure as ``NAME.png`` (Agg, no metadata) and embed it.
+
+        Prefer ``matplotlib.figure.Figure(...)`` over pyplot (no global state). A pyplot
+        figure is closed after saving.
+
+        Args:
+            name: file stem, letters, digits, ``_ . -``; unique within the report.
+            fig: a ``matplotlib.figure.Figure``.
+            caption: caption under the image.
+            data: the plotted numbers, stored with the figure entry in results.json.
+            dpi: resolution.
+
+        Returns:
+            The PNG's path.
+
+        Raises:
+            ValueError: for a bad or repeated name.
+        """
+        name = str(name)
+        if name.endswith(".png"):
+            name = name[:-4]
+        if not _NAME_RE.match(name):
+            raise ValueError(
+                f"figure name must match {_NAME_RE.pattern} (letters, digits, _ . -), got {name!r}"
+            )
+        if any(f["name"] == name for f in self._figures):
+            raise ValueError(f"figure name {name!r} is already used in this report")
+        to_jsonable(dict(data or {}), f"figure {name!r} data")  # fail before writing the PNG
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        if not isinstance(fig.canvas, FigureCanvasAgg):
+            FigureCanvasAgg(fig)  # attach an Agg canvas: no GUI backend involved
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+        path = atomic_write(self.out_dir / f"{name}.png", buf.getvalue())
+        if "matplotlib.pyplot" in sys.modules:
+            sys.modules["matplotlib.pyplot"].close(fig)
+        non_finite: list[str] = []
+        entry = {
+            "name": name,
+            "file": path.name,
+            "caption": str(caption),
+            "data": to_jsonable(
+                dict(data or {}), f"$.figures[{len(self._figures)}].data", non_finite
+            ),
+        }
+        self._non_finite_added += non_finite
+        self._figures.append(entry)
+        self._items.append(("figure", {"file": path.name, "caption": str(caption)}))
+        return path
+
+    def add_result(self, key: str, value: Any) -> None:
+        """Store a figure under ``results[key]`` in results.json (checked convertible now).
+
+        Raises:
+            ValueError: for a repeated key or a value with no JSON form.
+        """
+        key = str(key)
+        if key in self._results:
+            raise ValueError(f"result key {key!r} is already set")
+        to_jsonable(value, f"$.results.{key}")  # fail now, inside the run, not at write time
+        self._results[key] = value
+
+    def record_error(self, traceback_text: str) -> None:
+        """Mark the run as failed; the traceback is shown in the report and in results.json."""
+        self._error = str(traceback_text)
+
+    # ----------------------------------------------------------------- reading
+
+    @property
+    def claims(self) -> list[Claim]:
+        """The claims recorded so far."""
+        return list(self._claims)
+
+    @property
+    def failed(self) -> bool:
+        """True once :meth:`record_error` was called."""
+        return self._error is not None
+
+    def headline_text(self) -> str:
+        """The headline, or one derived from the error / the claims when none was set."""
+        if self._error is not None:
+            last = self._error.strip().splitlines()[-1] if self._error.strip() else "error"
+            return f"ERROR: {last}"
+        if self._headline:
+            return self._headline
+        if self._claims:
+            n_pass = sum(c.passed for c in self._claims)
+            return f"{n_pass}/{len(self._claims)} claims pass"
+        return "(no headline)"
+
+    # ----------------------------------------------------------------- rendering
+
+    def to_json(
+        self, wall_time_s: float | None, timings: Mapping[str, float] | None = None
+    ) -> dict[str, Any]:
+        """The results.json document (strict JSON types)."""
+        non_finite: list[str] = []
+        p = self.provenance
+        n_pass = sum(c.passed for c in self._claims)
+        doc = {
+            "schema": SCHEMA_VERSION,
+            "experiment": self.info.name,
+            "description": self.info.description,
+            "status": "error" if self._error is not None else "ok",
+            "headline": self.headline_text(),
+            "profile": "quick" if self.info.quick else "full",
+            "seeds": list(self.info.seeds),
+            "config": to_jsonable(self.info.config, "$.config", non_finite),
+            "config_class": _qualname(self.info.config),
+            "overrides": dict(self.info.overrides),
+            "command": p.command,
+            "argv": list(p.argv),
+            "started_at": p.started_at,
+            "wall_time_s": to_jsonable(wall_time_s, "$.wall_time_s", non_finite),
+            "timings_s": to_jsonable(dict(timings or {}), "$.timings_s", non_finite),
+            "threads": p.threads,
+            "versions": dict(p.versions),
+            "git": dict(p.git),
+            "machine": dict(p.machine),
+            "claims_summary": {"pass": n_pass, "fail": len(self._claims) - n_pass},
+            "claims": [
+                {"text": c.text, "verdict": c.verdict, "passed": c.passed, "evidence": c.evidence}
+                for c in self._claims
+            ],
+            "tables": self._tables,
+            "figures": self._figures,
+            "results": to_jsonable(self._results, "$.results", non_finite),
+            "error": self._error,
+        }
+        # Tables and figure data were converted when added; their NaN/inf were noted then.
+        doc["non_finite"] = self._non_finite_added + non_finite
+        return doc
+
+    def render_markdown(
+        self, wall_time_s: float | None, timings: Mapping[str, float] | None = None
+    ) -> str:
+        """The report.md text."""
+        info, p = self.info, self.provenance
+        out: list[str] = [f"# {info.name}", "", f"**{_md_line(self.headline_text())}**", ""]
+        if info.description:
+            out += [info.description.strip(), ""]
+        seeds = ", ".join(str(s) for s in info.seeds)
+        out += [
+            f"Run: `{p.command}` · profile {'quick' if info.quick else 'full'} · "
+            f"seeds {seeds} · wall time {format_seconds(wall_time_s)}",
+            "",
+        ]
+        if self._claims:
+            n_pass = sum(c.passed for c in self._claims)
+            out += [f"## Claims ({n_pass} PASS, {len(self._claims) - n_pass} FAIL)", ""]
+            out += [c.line() for c in self._claims] + [""]
+        if self._error is not None:
+            out += [
+                "## Error",
+                "",
+                "The experiment raised; everything above and below was recorded before it.",
+                "",
+                "```text",
+                self._error.rstrip(),
+                "```",
+                "",
+            ]
+        for kind, item in self._items:
+            if kind == "section":
+                out += [f"## {item['title']}", ""]
+                if item["text"].strip():
+                    out += [item["text"].strip(), ""]
+            elif kind == "table":
+                out += [f"### {item['title']}", "", item["md"], ""]
+                if item.get("note"):
+                    out += [item["note"], ""]
+            else:
+                out += [f"![{_md_line(item['caption'])}]({item['file']})", ""]
+                out += [f"*{_md_line(item['caption'])}*", ""]
+        non_finite = self.to_json(wall_time_s, timings)["non_finite"]
+        if non_finite:
+            shown = ", ".join(f"`{x}`" for x in non_finite[:10])
+            more = f" and {len(non_finite) - 10} more" if len(non_finite) > 10 else ""
+            out += [
+                f"Note: {len(non_finite)} value(s) were NaN or infinite and are written as "
+                f"null in results.json: {shown}{more}.",
+                "",
+            ]
+        out += self._render_run_details(wall_time_s, timings)
+        return "\n".join(out).rstrip() + "\n"
+
+    def _render_run_details(
+        self, wall_time_s: float | None, timings: Mapping[str, float] | None
+    ) -> list[str]:
+        info, p = self.info, self.provenance
+        git = p.git or {}
+        commit = str(git.get("commit", "unknown"))
+        dirty = git.get("dirty")
+        commit += {True: " (uncommitted changes)", False: "", None: ""}[dirty]
+        versions = ", ".join(f"{k} {v}" for k, v in p.versions.items()) or "—"
+        machine = ", ".join(f"{k} {v}" for k, v in p.machine.items()) or "—"
+        rows = [
+            ["command", f"`{_md_escape(p.command)}`"],
+            ["profile", "quick" if info.quick else "full"],
+            ["seeds", ", ".join(str(s) for s in info.seeds)],
+            [
+                "overrides",
+                _md_escape(", ".join(f"{k}={v}" for k, v in info.overrides.items()) or "none"),
+            ],
+            ["started (UTC)", p.started_at],
+            ["wall time", format_seconds(wall_time_s)],
+            ["threads", "library default" if p.threads is None else str(p.threads)],
+            ["git commit", _md_escape(commit)],
+            ["packages", _md_escape(versions)],
+            ["machine", _md_escape(machine)],
+        ]
+        if timings:
+            rows.append(
+                ["timings", ", ".join(f"{k} {format_seconds(v)}" for k, v in timings.items())]
+            )
+        out = ["## What was run", "", _md_table(["", ""], rows), ""]
+        cfg = info.config
+        if dataclasses.is_dataclass(cfg):
+            cfg_rows = [
+                [
+                    f"`{f.name}`",
+                    _md_escape(repr(getattr(cfg, f.name))),
+                    _md_escape(f.metadata.get("help", "")),
+                ]
+                for f in dataclasses.fields(cfg)
+            ]
+            out += [f"### Config (`{_qualname(cfg)}`)", ""]
+            out += [_md_table(["field", "value", "help"], cfg_rows), ""]
+        return out
+
+    def write(
+        self, wall_time_s: float | None = None, timings: Mapping[str, float] | None = None
+    ) -> Path:
+        """Render and atomically write ``report.md`` and ``results.json`` into ``out_dir``.
+
+        Both texts are rendered before anything is written, so a rendering error leaves
+        the previous files untouched.
+
+        Args:
+            wall_time_s: the run's wall time in seconds.
+            timings: named sub-timings (from ``ctx.timer``).
+
+        Returns:
+            The path of report.md.
+        """
+        json_text = _dumps(self.to_json(wall_time_s, timings))
+        md_text = self.render_markdown(wall_time_s, timings)
+        atomic_write(self.out_dir / RESULTS_FILE, json_text)
+        return atomic_write(self.out_dir / REPORT_FILE, md_text)
+
+
+def _point(value: Any) -> float:
+    """The number a claim compares: a summary's mean (or ratio), or the value itself."""
+    for attr in ("mean", "ratio"):
+        if hasattr(value, attr) and not isinstance(value, (int, float, np.number)):
+            return float(getattr(value, attr))
+    return float(value)
+
+
+def _md_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _qualname(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# --------------------------------------------------------------------------- the index
+
+
+def write_index(reports_dir: Path | str, order: Sequence[str] = ()) -> Path:
+    """Regenerate ``reports_dir/index.md`` from every ``*/results.json`` below it.
+
+    One table row per experiment: a link to its report, its headline, its claims'
+    PASS / FAIL counts (or ERROR) and its wall time. Experiments named in ``order`` come
+    first in that order, the others follow alphabetically. Unreadable results are listed
+    as such rather than skipped.
+
+    Args:
+        reports_dir: the reports root (``reports/``).
+        order: preferred order of experiment names (the registry's).
+
+    Returns:
+        The index path.
+    """
+    root = Path(reports_dir)
+    found: dict[str, dict[str, Any] | None] = {}
+    if root.is_dir():
+        for res in sorted(root.glob(f"*/{RESULTS_FILE}")):
+            try:
+                found[res.parent.name] = json.loads(res.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                found[res.parent.name] = None
+    rank = {name: i for i, name in enumerate(order)}
+    names = sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
+    rows = []
+    for name in names:
+        doc = found[name]
+        link = f"[{name}]({name}/{REPORT_FILE})"
+        if doc is None:
+            rows.append([link, f"unreadable {RESULTS_FILE}", "—", "—", "—"])
+            continue
+        summary = doc.get("claims_summary") or {}
+        if doc.get("status") == "error":
+            claims = "ERROR"
+        elif summary.get("pass", 0) + summary.get("fail", 0) == 0:
+            claims = "no claims"
+        else:
+            claims = f"{summary.get('pass', 0)} PASS / {summary.get('fail', 0)} FAIL"
+        rows.append(
+            [
+                link,
+                _md_escape(_md_line(doc.get("headline", ""))),
+                claims,
+                _md_escape(str(doc.get("profile", "—"))),
+                format_seconds(doc.get("wall_time_s")),
+            ]
+        )
+    lines = [
+        "# Benchmark reports",
+        "",
+        "Generated by `python -m benchmarks`; regenerated after every experiment from the "
+        f"`{RESULTS_FILE}` files in this folder. One row per experiment.",
+        "",
+    ]
+    if rows:
+        lines.append(_md_table(["experiment", "headline", "claims", "profile", "wall time"], rows))
+    else:
+        lines.append("No reports yet.")
+    return atomic_write(root / INDEX_FILE, "\n".join(lines) + "\n")
