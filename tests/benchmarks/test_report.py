@@ -1,0 +1,478 @@
+"""Report writer, statistics and seeding helpers of the benchmark suite."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from scipy import stats as sst
+
+from benchmarks import report as report_mod
+from benchmarks.provenance import Provenance, collect_provenance, git_info, package_versions
+from benchmarks.registry import ExperimentConfig, param
+from benchmarks.report import Report, RunInfo, atomic_write, to_jsonable, write_index
+from benchmarks.runner import derive_rng, derive_seed, seed_sequence
+from benchmarks.stats import (
+    aggregate_over_seeds,
+    bootstrap_ci,
+    mean_std,
+    online_summary,
+    paired_ratio,
+    side_by_side,
+    t_interval,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"  # regenerate golden files deliberately
+
+# Provenance fields that change from run to run; masked when comparing real runs.
+VOLATILE = {"started_at", "wall_time_s", "timings_s", "versions", "git", "machine", "argv"}
+
+
+@dataclass(frozen=True)
+class GoldenConfig(ExperimentConfig):
+    """Config of the fixed report."""
+
+    n_users: int = param(100, "users per seed")
+    temperature: float = param(0.5, "softmax temperature")
+    towers: tuple[str, ...] = param(("mean", "transformer"), "user towers compared")
+
+
+FIXED = Provenance(
+    command="python -m benchmarks golden --quick --seeds 2 --set n_users=100",
+    argv=("benchmarks/__main__.py", "golden", "--quick", "--seeds", "2"),
+    started_at="2026-01-01T00:00:00Z",
+    git={"commit": "0123456789abcdef", "dirty": False},
+    versions={"python": "3.11.0", "numpy": "2.0.0"},
+    machine={"cpu_count": 2, "platform": "Linux"},
+    threads=1,
+)
+
+PER_SEED = [  # one row per (setting, seed); exact binary fractions keep the golden stable
+    {"world": "tiny", "policy": "random", "model": "mean", "seed": 0, "recall": 0.5, "wall_s": 1.0},
+    {
+        "world": "tiny",
+        "policy": "random",
+        "model": "mean",
+        "seed": 1,
+        "recall": 0.25,
+        "wall_s": 2.0,
+    },
+    {"world": "tiny", "policy": "random", "model": "tf", "seed": 1, "recall": 0.75, "wall_s": 4.0},
+    {"world": "tiny", "policy": "random", "model": "tf", "seed": 0, "recall": 0.625, "wall_s": 3.0},
+]
+
+
+def build_report(out_dir: Path, provenance: Provenance = FIXED) -> Report:
+    info = RunInfo(
+        "golden",
+        "A fixed report that pins the Markdown and JSON layout.",
+        GoldenConfig(),
+        (0, 1),
+        True,
+        {"n_users": "100"},
+    )
+    r = Report(info, out_dir, provenance)
+    r.section("Method", "Two towers on a tiny world; recall@10 over the whole catalog.")
+    rows = r.seed_table("Recall@10", PER_SEED, ["recall"], fmt={"recall": ".3f", "wall_s": ".2f"})
+    r.table(
+        "Odd cells",
+        [{"op": "dot | cos", "value": 1.5, "missing": None, "bad": float("nan"), "n": 3}],
+        fmt=".2f",
+    )
+    r.claim_compare(
+        "the transformer tower beats mean pooling",
+        rows[1]["recall"],
+        ">",
+        rows[0]["recall"],
+        measured_name="transformer",
+        reference_name="mean pooling",
+        spec=".3f",
+    )
+    r.claim_compare(
+        "mean pooling reaches recall 0.5", rows[0]["recall"], ">=", 0.5, measured_name="mean"
+    )
+    r.claim("the ratio is above one", np.bool_(paired_ratio([2, 4], [1, 2]).ratio > 1), "2.0×")
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().bar(["mean", "tf"], [0.375, 0.6875])
+    r.figure(
+        "recall", fig, "Recall by tower", data={"tower": ["mean", "tf"], "recall": [0.375, 0.6875]}
+    )
+    r.add_result("spread", mean_std([1.0, 2.0]))
+    r.add_result("count", np.int64(3))
+    r.add_result("curve", np.arange(3, dtype=np.float32) / 2)
+    r.add_result("diverged", float("inf"))
+    r.headline("transformer recall@10 0.688 vs mean pooling 0.375")
+    return r
+
+
+def mask(doc):
+    """Replace volatile provenance values by a marker, keeping the structure."""
+    return {k: ("<masked>" if k in VOLATILE else v) for k, v in doc.items()}
+
+
+def check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if UPDATE:
+        path.write_text(text, encoding="utf-8")
+    assert text == path.read_text(encoding="utf-8"), f"differs from {path}; see the diff"
+
+
+# ------------------------------------------------------------------------- golden files
+
+
+def test_markdown_matches_golden(tmp_path):
+    r = build_report(tmp_path)
+    check_golden("report_small.md", r.render_markdown(12.5, {"train": 3.25}))
+
+
+def test_results_json_matches_golden(tmp_path):
+    r = build_report(tmp_path)
+    path = r.write(12.5, {"train": 3.25})
+    assert path == tmp_path / "report.md"
+    text = (tmp_path / "results.json").read_text(encoding="utf-8")
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    check_golden("results_small.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == (
+        GOLDEN / "report_small.md"
+    ).read_text(encoding="utf-8")
+    assert (tmp_path / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_results_json_structure_with_real_provenance(tmp_path):
+    real = collect_provenance(FIXED.command, threads=1)
+    build_report(tmp_path, real).write(0.75)
+    doc = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    golden = json.loads((GOLDEN / "results_small.json").read_text(encoding="utf-8"))
+    assert mask(doc) == mask(golden)
+    assert set(doc["versions"]) >= {"python", "numpy", "torch", "gymnasium", "faiss", "scipy"}
+    assert set(doc["git"]) == {"commit", "dirty"}
+    assert doc["machine"]["cpu_count"] == os.cpu_count()
+    assert "hostname" not in json.dumps(doc["machine"]).lower()
+    assert doc["wall_time_s"] == 0.75
+
+
+def test_golden_content_is_computed_from_numbers(tmp_path):
+    doc = build_report(tmp_path).to_json(12.5)
+    recall = doc["tables"][0]["rows"]
+    # mean pooling: seeds (0.5, 0.25); transformer: seeds sorted to (0.625, 0.75).
+    assert recall[0]["recall"]["values"] == [0.5, 0.25]
+    assert recall[0]["recall"]["mean"] == 0.375
+    assert recall[0]["recall"]["std"] == pytest.approx(math.sqrt(0.03125))
+    assert recall[1]["recall"]["values"] == [0.625, 0.75]
+    assert recall[1]["seeds"] == "0,1"
+    verdicts = [c["verdict"] for c in doc["claims"]]
+    assert verdicts == ["PASS", "FAIL", "PASS"]
+    assert doc["claims_summary"] == {"pass": 2, "fail": 1}
+    assert doc["non_finite"] == ["$.tables[1].rows[0].bad", "$.results.diverged"]
+    assert doc["results"]["diverged"] is None
+    assert doc["results"]["curve"] == [0.0, 0.5, 1.0]
+    assert doc["results"]["spread"] == {
+        "mean": 1.5,
+        "std": math.sqrt(0.5),
+        "n": 2,
+        "values": [1.0, 2.0],
+    }
+
+
+# ------------------------------------------------------------------------- claims
+
+
+def test_failing_claim_renders_fail_with_numbers(tmp_path):
+    r = Report(RunInfo("x", "d", GoldenConfig(), (0,), True), tmp_path, FIXED)
+    c = r.claim_compare("recall beats popular", 0.2125, ">", 0.3, measured_name="recall")
+    assert not c.passed
+    md = r.render_markdown(1.0)
+    assert "## Claims (0 PASS, 1 FAIL)" in md
+    assert (
+        "- **FAIL** — recall beats popular — recall = 0.2125 > reference = 0.3: does not hold" in md
+    )
+    assert r.headline_text() == "0/1 claims pass"
+
+
+@pytest.mark.parametrize(
+    ("lhs", "op", "rhs", "expected"),
+    [
+        (1.0, "<", 2.0, True),
+        (2.0, "<", 2.0, False),
+        (2.0, "<=", 2.0, True),
+        (3.0, ">", 2.0, True),
+        (2.0, ">=", 2.0000001, False),
+        (float("nan"), "<", 2.0, False),
+        (float("nan"), ">=", float("nan"), False),
+        (2.0, ">", float("nan"), False),
+    ],
+)
+def test_claim_compare_operators(tmp_path, lhs, op, rhs, expected):
+    r = Report(RunInfo("x", "d", GoldenConfig(), (0,), True), tmp_path, FIXED)
+    assert r.claim_compare("c", lhs, op, rhs).passed is expected
+
+
+def test_claim_compares_summary_means(tmp_path):
+    r = Report(RunInfo("x", "d", GoldenConfig(), (0, 1), True), tmp_path, FIXED)
+    a, b = mean_std([0.4, 0.6]), mean_std([0.45, 0.5])
+    c = r.claim_compare("a beats b", a, ">", b, measured_name="a", reference_name="b")
+    assert c.passed  # 0.5 > 0.475
+    assert c.evidence == "a = 0.5 ± 0.1414 > b = 0.475 ± 0.03536: holds"
+
+
+def test_claim_rejects_non_bool_and_bad_op(tmp_path):
+    r = Report(RunInfo("x", "d", GoldenConfig(), (0,), True), tmp_path, FIXED)
+    with pytest.raises(ValueError, match="passed must be a bool"):
+        r.claim("c", 1, "e")
+    with pytest.raises(ValueError, match="op must be one of"):
+        r.claim_compare("c", 1.0, "==", 1.0)
+
+
+def test_error_is_recorded_and_headlined(tmp_path):
+    r = Report(RunInfo("x", "d", GoldenConfig(), (0,), True), tmp_path, FIXED)
+    r.section("Before", "kept")
+    r.record_error("Traceback (most recent call last):\nRuntimeError: boom")
+    r.write(0.5)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["status"] == "error"
+    assert doc["headline"] == "ERROR: RuntimeError: boom"
+    md = (tmp_path / "report.md").read_text()
+    assert "## Error" in md and "RuntimeError: boom" in md and "## Before" in md
+
+
+# ------------------------------------------------------------------------- inputs
+
+
+def test_table_and_figure_and_result_validation(tmp_path):
+    r = Report(RunInfo("x", "d", GoldenConfig(), (0,), True), tmp_path, FIXED)
+    with pytest.raises(ValueError, match="rows must not be empty"):
+        r.table("t", [])
+    with pytest.raises(ValueError, match=r"columns \['nope'\] appear in no row"):
+        r.table("t", [{"a": 1}], columns=["a", "nope"])
+    with pytest.raises(ValueError, match="figure name must match"):
+        r.figure("../evil", Figure(), "c")
+    r.figure("ok", Figure(figsize=(1, 1)), "c")
+    with pytest.raises(ValueError, match="already used"):
+        r.figure("ok.png", Figure(figsize=(1, 1)), "c")
+    r.add_result("k", 1)
+    with pytest.raises(ValueError, match="already set"):
+        r.add_result("k", 2)
+    with pytest.raises(ValueError, match=r"\$\.results\.obj: value of type object"):
+        r.add_result("obj", object())
+    with pytest.raises(ValueError, match="rows\\[1\\] lacks column"):
+        r.seed_table("s", [PER_SEED[0], {"world": "w"}], ["recall"])
+
+
+def test_to_jsonable_converts_numpy_and_marks_non_finite():
+    nf: list[str] = []
+    out = to_jsonable(
+        {
+            "a": np.float32(0.5),
+            "b": np.array([1.0, np.nan, -np.inf]),
+            "c": (np.int64(2), np.bool_(False)),
+            3: Path("x/y"),
+        },
+        "$",
+        nf,
+    )
+    assert out == {"a": 0.5, "b": [1.0, None, None], "c": [2, False], "3": "x/y"}
+    assert nf == ["$.b[1]", "$.b[2]"]
+    json.dumps(out, allow_nan=False)
+    assert type(out["a"]) is float and type(out["c"][0]) is int and type(out["c"][1]) is bool
+
+
+def test_figure_png_is_deterministic(tmp_path):
+    def draw(out):
+        r = Report(RunInfo("x", "d", GoldenConfig(), (0,), True), out, FIXED)
+        fig = Figure(figsize=(2, 2))
+        fig.add_subplot().plot([0, 1, 2], [0.1, 0.5, 0.2])
+        return r.figure("line", fig, "c").read_bytes()
+
+    assert draw(tmp_path / "a") == draw(tmp_path / "b")
+
+
+# ------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    atomic_write(target, "old\n")
+
+    def boom(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report_mod.os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, "new content that must not appear\n")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp left
+
+    fresh = tmp_path / "sub" / "report.md"
+    with pytest.raises(OSError):
+        atomic_write(fresh, "x")
+    assert not fresh.exists() and list(fresh.parent.iterdir()) == []
+
+
+def test_report_write_renders_before_writing(tmp_path, monkeypatch):
+    r = build_report(tmp_path)
+    r.write(1.0)
+    before = {p: p.read_bytes() for p in (tmp_path / "report.md", tmp_path / "results.json")}
+
+    def broken_render(*args, **kwargs):
+        raise RuntimeError("render failed")
+
+    monkeypatch.setattr(r, "render_markdown", broken_render)
+    with pytest.raises(RuntimeError, match="render failed"):
+        r.write(2.0)
+    assert {p: p.read_bytes() for p in before} == before  # neither file touched
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------- index
+
+
+def _results(dir_: Path, name: str, **doc) -> None:
+    (dir_ / name).mkdir(parents=True)
+    (dir_ / name / "results.json").write_text(json.dumps({"experiment": name, **doc}))
+
+
+def test_index_lists_every_experiment_in_order(tmp_path):
+    _results(
+        tmp_path,
+        "zeta",
+        status="ok",
+        headline="recall 0.41",
+        claims_summary={"pass": 2, "fail": 1},
+        profile="quick",
+        wall_time_s=3.0,
+    )
+    _results(tmp_path, "alpha", status="error", headline="ERROR: boom | x", profile="full")
+    _results(tmp_path, "mid", status="ok", headline="h", claims_summary={"pass": 0, "fail": 0})
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text("{not json")
+    path = write_index(tmp_path, order=["zeta", "alpha"])
+    lines = path.read_text().splitlines()
+    rows = [ln for ln in lines if ln.startswith("| [")]
+    assert rows == [
+        "| [zeta](zeta/report.md) | recall 0.41 | 2 PASS / 1 FAIL | quick | 3.00 s |",
+        "| [alpha](alpha/report.md) | ERROR: boom \\| x | ERROR | full | — |",
+        "| [broken](broken/report.md) | unreadable results.json | — | — | — |",
+        "| [mid](mid/report.md) | h | no claims | — | — |",
+    ]
+
+
+def test_index_without_reports(tmp_path):
+    assert "No reports yet." in write_index(tmp_path / "new").read_text()
+
+
+# ------------------------------------------------------------------------- statistics
+
+
+def test_mean_std_exact():
+    s = mean_std([1.0, 2.0, 4.0])
+    assert s.mean == pytest.approx(7 / 3)
+    assert s.std == pytest.approx(
+        math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    )
+    assert s.n == 3 and s.values == (1.0, 2.0, 4.0)
+    assert s.format(".2f") == "2.33 ± 1.53"
+    one = mean_std([0.5])
+    assert one.std is None and one.format(".2f") == "0.50 (n=1)"
+    with pytest.raises(ValueError, match="at least one value"):
+        mean_std([])
+
+
+def test_t_interval_matches_scipy():
+    x = np.random.default_rng(3).normal(2.0, 1.5, size=7)
+    ci = t_interval(x)
+    lo, hi = sst.t.interval(0.95, df=6, loc=x.mean(), scale=sst.sem(x))
+    assert (ci.low, ci.high) == (pytest.approx(lo, rel=1e-12), pytest.approx(hi, rel=1e-12))
+    ci90 = t_interval(x, level=0.9)
+    assert ci90.half_width < ci.half_width
+    single = t_interval([1.0])
+    assert single.low is None and single.format() == "1 (n=1)"
+    with pytest.raises(ValueError, match=r"level must be in \(0, 1\)"):
+        t_interval(x, level=1.0)
+
+
+def test_bootstrap_ci_is_seeded_and_close_to_t():
+    x = np.random.default_rng(0).exponential(1.0, size=400)
+    a = bootstrap_ci(x, np.random.default_rng(7), n_resamples=2000)
+    b = bootstrap_ci(x, np.random.default_rng(7), n_resamples=2000, chunk_elements=1000)
+    c = bootstrap_ci(x, np.random.default_rng(8), n_resamples=2000)
+    assert a.low is not None and a.high is not None and a.method == "bootstrap"
+    assert (a.low, a.high) != (c.low, c.high)  # a different seed resamples differently
+    assert bootstrap_ci(x, np.random.default_rng(7)) == a  # same seed, same interval
+    assert b.low == pytest.approx(a.low, abs=0.03)  # chunking changes draws, not the answer
+    t = t_interval(x)
+    assert a.half_width == pytest.approx(t.half_width, rel=0.15)
+    assert a.low < x.mean() < a.high
+    with pytest.raises(ValueError, match="numpy.random.Generator"):
+        bootstrap_ci(x, 7)
+
+
+def test_online_summary_over_users_and_seeds():
+    seeds = [np.array([1.0, 2.0, 3.0, 4.0]), np.array([2.0, 4.0, 6.0, 8.0])]
+    s = online_summary(seeds)
+    assert s.mean == pytest.approx((2.5 + 5.0) / 2)
+    pooled = np.concatenate(seeds)
+    hw_users = sst.t.ppf(0.975, 7) * pooled.std(ddof=1) / math.sqrt(8)
+    assert s.users.half_width == pytest.approx(hw_users)
+    hw_seeds = sst.t.ppf(0.975, 1) * np.std([2.5, 5.0], ddof=1) / math.sqrt(2)
+    assert s.seeds.half_width == pytest.approx(hw_seeds)
+    assert [ci.mean for ci in s.per_seed] == [2.5, 5.0]
+    assert s.format(".3g") == f"3.75 (95% CI ±{hw_users:.3g} users, ±{hw_seeds:.3g} seeds)"
+    assert online_summary([seeds[0]]).format(".3g").endswith(", 1 seed)")
+
+
+def test_paired_ratio_and_side_by_side():
+    r = paired_ratio([2.0, 8.0], [1.0, 2.0])
+    assert r.ratio == pytest.approx(math.sqrt(2 * 4))  # geometric mean of 2 and 4
+    logs = np.log([2.0, 4.0])
+    hw = sst.t.ppf(0.975, 1) * logs.std(ddof=1) / math.sqrt(2)
+    assert r.low == pytest.approx(math.exp(logs.mean() - hw))
+    assert r.high == pytest.approx(math.exp(logs.mean() + hw))
+    assert paired_ratio([3.0], [1.5]).format() == "2× (n=1)"
+    with pytest.raises(ValueError, match="must be > 0"):
+        paired_ratio([1.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError, match="must pair up"):
+        paired_ratio([1.0], [1.0, 2.0])
+    line = side_by_side("faiss", [4.0, 4.0], "torch", [1.0, 1.0], unit="ms")
+    assert line == "faiss: 4 ± 0 ms | torch: 1 ± 0 ms | torch/faiss = 0.25× [0.25, 0.25]"
+
+
+def test_aggregate_over_seeds_groups_and_checks():
+    rows = aggregate_over_seeds(PER_SEED, by=["model"], metrics=["recall"])
+    assert [r["model"] for r in rows] == ["mean", "tf"]
+    assert rows[1]["recall"].values == (0.625, 0.75)  # sorted by seed
+    with pytest.raises(ValueError, match="repeats a seed"):
+        aggregate_over_seeds(PER_SEED + [PER_SEED[0]], by=["model"], metrics=["recall"])
+
+
+# ------------------------------------------------------------------------- seeding, provenance
+
+
+def test_derived_rngs_are_stable_and_independent():
+    a = derive_rng(0, "world").integers(0, 2**31, size=4)
+    assert np.array_equal(a, derive_rng(0, "world").integers(0, 2**31, size=4))
+    assert not np.array_equal(a, derive_rng(0, "users").integers(0, 2**31, size=4))
+    assert not np.array_equal(a, derive_rng(1, "world").integers(0, 2**31, size=4))
+    assert not np.array_equal(
+        derive_rng(0, "world", 1).random(4), derive_rng(0, "world", 2).random(4)
+    )
+    # Golden: string keys hash with BLAKE2b, so every process and machine agrees.
+    assert seed_sequence(0, "world").spawn_key == (6355075502240600847,)
+    assert 0 <= derive_seed(5, "torch") < 2**63
+    assert derive_seed(5, "torch") == derive_seed(5, "torch") != derive_seed(6, "torch")
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        derive_rng(-1)
+    with pytest.raises(ValueError, match="rng keys must be"):
+        derive_rng(0, 1.5)
+
+
+def test_provenance_outside_git(tmp_path):
+    assert git_info(tmp_path) == {"commit": "unknown", "dirty": None}
+    v = package_versions()
+    assert v["numpy"] == np.__version__
