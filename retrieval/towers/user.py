@@ -365,15 +365,17 @@ class MeanPoolUserTower(UserTower):
             from_end = mask.flip(1).long().cumsum(1).flip(1)  # (B, L)
             keep = keep & (from_end <= self.last_n)
         if self.time_decay_half_life is not None:
-            # time decay: w = 0.5 ** (dt / half_life), as log w = -ln2 * dt / half_life
-            logw = -math.log(2.0) * h[Obs.DT] / self.time_decay_half_life  # (B, L)
+            # time decay: w = 0.5 ** (dt / half_life), i.e. log w = -ln2 * dt / half_life;
+            # dt is taken relative to the row's most recent kept event before scaling, which
+            # leaves the normalised weights unchanged and keeps float32 exact for huge dt
+            dt = h[Obs.DT].masked_fill(~keep, math.inf)  # (B, L)
+            newest = dt.amin(dim=1, keepdim=True)  # (B, 1), inf for an empty row
+            newest = torch.where(torch.isfinite(newest), newest, torch.zeros_like(newest))
+            logw = -math.log(2.0) * (dt - newest) / self.time_decay_half_life  # (B, L), <= 0
+            w = torch.exp(logw)  # (B, L), 0 where not kept (dt = inf)
         else:
-            logw = torch.zeros_like(mask, dtype=torch.float32)
-        logw = logw.masked_fill(~keep, -math.inf)
-        top = logw.amax(dim=1, keepdim=True)  # (B, 1), -inf for an empty row
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        w = torch.exp(logw - top)  # (B, L), 0 where not kept
-        return w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+            w = keep.to(torch.float32)  # (B, L)
+        return w / w.sum(dim=1, keepdim=True).clamp_min(1e-30)
 
     def forward(self, history: Mapping[str, Any]) -> torch.Tensor:
         """Encode users: ``(B, dim)``."""
