@@ -1,4 +1,6 @@
-"""Command line: ``python -m benchmarks NAME [--quick] [--seeds N] [--out DIR] [--threads T] [--quiet]``.
+"""Command line of the benchmark suite.
+
+``python -m benchmarks NAME [--quick] [--seeds N] [--out DIR] [--threads T] [--quiet]``
 
 ``NAME`` is an experiment, ``all`` (every registered experiment, in order; a failing one is
 recorded and the others still run) or ``list`` (names, descriptions and config fields).

@@ -21,6 +21,7 @@ numpy types are converted and NaN / inf become ``null``, listed under ``non_fini
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import io
@@ -351,6 +352,7 @@ class Report:
         title: str,
         per_seed_rows: Sequence[Mapping[str, Any]],
         metrics: Sequence[str],
+        online: Sequence[str] = (),
         by: Sequence[str] = ROW_KEYS,
         fmt: str | Mapping[str, str] | None = None,
         note: str = "",
@@ -360,12 +362,15 @@ class Report:
         Every row names its world config, behaviour policy, model config, seed and wall
         time (the evaluation protocol's rule): each input row must have the ``by`` keys
         (default ``world``, ``policy``, ``model``), ``seed`` and ``wall_s``; the table shows
-        ``by``, ``seeds``, the metrics and ``wall_s`` (mean ± std seconds per seed).
+        ``by``, ``seeds``, the online columns, the metrics and ``wall_s`` (mean ± std
+        seconds per seed).
 
         Args:
             title: the table's heading.
             per_seed_rows: one row per setting and seed.
             metrics: the numeric columns to aggregate (``wall_s`` is added last).
+            online: columns holding per-user arrays (online rollouts); shown as the mean
+                with 95% CIs over users and over seeds (:func:`~benchmarks.stats.online_summary`).
             by: the columns naming a setting.
             fmt: format specs, as for :meth:`table`.
             note: text under the table; a sentence saying what "±" means is appended.
@@ -375,14 +380,17 @@ class Report:
             :meth:`claim_compare`.
         """
         metrics = [m for m in metrics if m != "wall_s"] + ["wall_s"]
-        rows = aggregate_over_seeds(per_seed_rows, by=by, metrics=metrics)
+        rows = aggregate_over_seeds(per_seed_rows, by=by, metrics=metrics, online=online)
         n = max(len(r["seeds"].split(",")) for r in rows)
         std_note = (
             f"Cells are mean ± sample std over {n} seeds; wall_s is seconds per seed."
             if n > 1
             else "One seed per row (no std); wall_s is seconds."
         )
-        self.table(title, rows, [*by, "seeds", *metrics], fmt, f"{note} {std_note}".strip())
+        if online:
+            std_note += " Online columns: mean (95% CI half-widths over users and over seeds)."
+        columns = [*by, "seeds", *online, *metrics]
+        self.table(title, rows, columns, fmt, f"{note} {std_note}".strip())
         return rows
 
     def claim(self, text: str, passed: bool, evidence: str) -> Claim:
@@ -582,8 +590,8 @@ class Report:
                 {"text": c.text, "verdict": c.verdict, "passed": c.passed, "evidence": c.evidence}
                 for c in self._claims
             ],
-            "tables": self._tables,
-            "figures": self._figures,
+            "tables": copy.deepcopy(self._tables),
+            "figures": copy.deepcopy(self._figures),
             "results": to_jsonable(self._results, "$.results", non_finite),
             "error": self._error,
         }

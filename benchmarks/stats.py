@@ -396,7 +396,8 @@ def side_by_side(
 ) -> str:
     """One line comparing two quantities measured side by side, with their ratio b / a.
 
-    Example: ``"faiss: 4.56 ± 0.1 ms | torch: 1.23 ± 0.05 ms | torch/faiss = 0.27× [0.25, 0.29]"``.
+    Example: ``"faiss: 4.56 ± 0.1 ms | torch: 1.23 ± 0.05 ms | torch/faiss = 0.27× [0.25,
+    0.29]"``.
 
     Args:
         name_a: label of the first quantity (the ratio's denominator).
@@ -420,19 +421,24 @@ def aggregate_over_seeds(
     rows: Iterable[Mapping[str, Any]],
     by: Sequence[str],
     metrics: Sequence[str],
+    online: Sequence[str] = (),
     seed_key: str = "seed",
     reducer: Callable[[Sequence[float]], Any] = mean_std,
 ) -> list[dict[str, Any]]:
     """Collapse one row per (setting, seed) into one row per setting with "mean ± std" cells.
 
     Rows are grouped by the values of ``by`` (in first-appearance order). Each output row
-    holds the ``by`` values, a ``seeds`` column (e.g. ``"0,1,2"``) and, for each metric, the
-    reducer's result (a :class:`MeanStd` by default) over the group's rows in seed order.
+    holds the ``by`` values, a ``seeds`` column (e.g. ``"0,1,2"``), for each metric the
+    reducer's result (a :class:`MeanStd` by default) over the group's rows in seed order,
+    and for each ``online`` column an :class:`OnlineSummary` (mean, 95% CI over users and
+    over seeds) of the per-user arrays the rows hold there.
 
     Args:
-        rows: per-seed rows, each with every ``by`` key, ``seed_key`` and every metric.
+        rows: per-seed rows, each with every ``by`` key, ``seed_key``, every metric (a
+            number) and every ``online`` column (a 1-D array of per-user values).
         by: the columns naming a setting (world config, behaviour policy, model config...).
         metrics: the numeric columns to aggregate (wall time included, if wanted).
+        online: the per-user columns summarised with :func:`online_summary`.
         seed_key: the column holding the seed.
         reducer: maps the list of per-seed values to a table cell.
 
@@ -443,7 +449,7 @@ def aggregate_over_seeds(
         ValueError: if a row lacks a required key, or a setting repeats a seed.
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
-    needed = [*by, seed_key, *metrics]
+    needed = [*by, seed_key, *metrics, *online]
     for i, row in enumerate(rows):
         missing = [k for k in needed if k not in row]
         if missing:
@@ -461,5 +467,7 @@ def aggregate_over_seeds(
         agg["seeds"] = ",".join(str(s) for s in seeds)
         for m in metrics:
             agg[m] = reducer([float(r[m]) for r in group])
+        for m in online:
+            agg[m] = online_summary([np.asarray(r[m], dtype=np.float64) for r in group])
         out.append(agg)
     return out

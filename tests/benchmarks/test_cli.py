@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from benchmarks.__main__ import main
 from benchmarks.registry import (
     EXPERIMENT_MODULES,
+    REGISTRY,
     ExperimentConfig,
     Registry,
     config_fields,
@@ -219,6 +220,11 @@ def test_list_and_all_with_no_experiments(capsys):
 def test_shipped_registry_lists_cleanly(capsys):
     code = main(["list"], modules=EXPERIMENT_MODULES)
     assert code == 0, capsys.readouterr().err
+    # Contract for every shipped experiment: both profiles build and validate.
+    for exp in REGISTRY:
+        for quick in (False, True):
+            cfg = make_config(exp.config_cls, quick=quick)
+            assert isinstance(cfg, exp.config_cls), exp.name
 
 
 def test_all_continues_past_a_failing_experiment(tmp_path, capsys):

@@ -476,3 +476,24 @@ def test_provenance_outside_git(tmp_path):
     assert git_info(tmp_path) == {"commit": "unknown", "dirty": None}
     v = package_versions()
     assert v["numpy"] == np.__version__
+
+
+def test_seed_table_online_columns(tmp_path):
+    r = Report(RunInfo("x", "d", GoldenConfig(), (0, 1), False), tmp_path, FIXED)
+    users = {0: np.array([1.0, 2.0, 3.0]), 1: np.array([2.0, 2.5, 4.5])}
+    rows = [
+        {"world": "w", "policy": "p", "model": "m", "seed": s, "reward": u, "hit": 0.5, "wall_s": 1}
+        for s, u in users.items()
+    ]
+    out = r.seed_table("Online", rows, ["hit"], online=["reward"], fmt=".3g")
+    expected = online_summary([users[0], users[1]])
+    assert out[0]["reward"] == expected
+    doc = r.to_json(1.0)
+    table = doc["tables"][0]
+    assert table["columns"] == ["world", "policy", "model", "seeds", "reward", "hit", "wall_s"]
+    cell = table["rows"][0]["reward"]
+    assert cell["mean"] == pytest.approx(2.5)
+    assert cell["seeds"]["n"] == 2 and cell["users"]["n"] == 6
+    md = r.render_markdown(1.0)
+    assert f"| w | p | m | 0,1 | {expected.format('.3g')} | 0.5 ± 0 | 1 ± 0 |" in md
+    assert "95% CI half-widths over users and over seeds" in md
