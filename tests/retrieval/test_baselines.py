@@ -425,6 +425,20 @@ def _cooc():
     return m
 
 
+def test_item2item_huge_session_ids(i2i_world):
+    inter, cat = i2i_world
+    big = Interactions(
+        user=inter.user,
+        item=inter.item,
+        time=inter.time,
+        session=np.where(inter.session >= 0, inter.session * 2**61, -1),  # no packed key
+        n_users=inter.n_users,
+        n_items=inter.n_items,
+    )
+    a = Item2Item().fit(inter, cat).similarity_matrix.toarray()
+    np.testing.assert_array_equal(Item2Item().fit(big, cat).similarity_matrix.toarray(), a)
+
+
 def test_item2item_golden_candidates(i2i_world):
     model = Item2Item(decay=0.5).fit(*i2i_world)
     obs = make_obs([[(2, C), (0, C)], [(2, C), (0, C)]], times=[50.0, 50.0])
