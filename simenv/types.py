@@ -98,16 +98,19 @@ class ItemCatalog:
     def __post_init__(self) -> None:
         n = self.title_tokens.shape[0]
         if self.title_tokens.ndim != 2:
-            raise ValueError(f"title_tokens must be 2-D (N, T), got shape {self.title_tokens.shape}")
+            raise ValueError(
+                f"title_tokens must be 2-D (N, T), got shape {self.title_tokens.shape}"
+            )
         if self.categorical.ndim != 2 or self.categorical.shape[0] != n:
             raise ValueError(
                 f"categorical must have shape (N={n}, F), got {self.categorical.shape}"
             )
         if self.release_time.shape != (n,):
             raise ValueError(f"release_time must have shape ({n},), got {self.release_time.shape}")
-        if len(self.categorical_names) != self.categorical.shape[1] or len(
-            self.categorical_cardinalities
-        ) != self.categorical.shape[1]:
+        if (
+            len(self.categorical_names) != self.categorical.shape[1]
+            or len(self.categorical_cardinalities) != self.categorical.shape[1]
+        ):
             raise ValueError("categorical_names and categorical_cardinalities must have F entries")
 
     @property

@@ -1,0 +1,418 @@
+"""The batched simulation core shared by :class:`RecEnv` (B = 1) and :class:`BatchedRecEnv`.
+
+One :class:`Simulator` holds the state of ``B`` user slots as numpy arrays and steps them all
+at once. Both environments drive the same core, so a ``BatchedRecEnv`` with one slot follows
+exactly the trajectory of a ``RecEnv`` with the same seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from simenv.config import EnvConfig
+from simenv.types import EventType, Obs
+from simenv.users import choose, position_bias, respond, slate_utilities, step_reward
+from simenv.world import World
+
+__all__ = ["Simulator", "StepResult"]
+
+_MIN_PER_DAY = 1440.0
+
+
+@dataclass
+class StepResult:
+    """What one batched step produced (arrays over the B slots).
+
+    ``chosen`` is the slate position clicked (-1 none); ``event``/``watch`` describe the click;
+    ``click_prob`` is the choice model's probability of each shown item; ``affinity`` the true
+    affinity of each shown item under the current preference; ``session_end`` marks slots whose
+    session ended this step (they either return, or churn: ``terminated``).
+    """
+
+    reward: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    chosen: np.ndarray
+    event: np.ndarray
+    watch: np.ndarray
+    click_prob: np.ndarray
+    affinity: np.ndarray
+    time: np.ndarray
+    session: np.ndarray
+    position: np.ndarray
+    session_end: np.ndarray
+
+
+class Simulator:
+    """State of B user slots and the batched step (the MDP's transition function).
+
+    Args:
+        world: the hidden truth.
+        config: environment config (user model, reward, slate size, history length, horizon).
+        num_slots: B.
+    """
+
+    def __init__(self, world: World, config: EnvConfig, num_slots: int) -> None:
+        self.world = world
+        self.config = config
+        if config.user_model != world.user_model:
+            raise ValueError(
+                "config.user_model must equal the world's user_model (the world draws patience and "
+                "item appeal from it); build the World with user_model=config.user_model"
+            )
+        self.um = world.user_model
+        self.B = int(num_slots)
+        self.k = config.slate_size
+        self.L = config.history_length
+        b, d, t, L = self.B, world.config.latent_dim, world.config.n_topics, self.L
+        eps = world.config.cross_group_epsilon
+        self.cross_log_eps = float(np.log(eps)) if eps > 0 else -np.inf
+        self.pos_bias = position_bias(self.um, self.k)
+        # world arrays used on the hot path
+        self.latent = world.items.latent
+        self.appeal = world.item_appeal
+        self.item_group = world.items.group
+        self.item_topic = world.items.topic
+        self.quality = world.items.quality
+        self.minutes = world.items.minutes
+        self.release = world.items.release_time
+        self.n_items = world.n_items
+        self.fatigue_decay_per_day = np.log(2.0) / self.um.fatigue_half_life
+        # a slate that is valid at any time (items released at time <= 0): used in place of the
+        # ignored action of slots that are being reset
+        initial = np.nonzero(self.release <= 0)[0]
+        if initial.size < self.k:
+            raise ValueError(
+                f"slate_size={self.k} exceeds the {initial.size} items available at time 0"
+            )
+        self.safe_slate = initial[: self.k].astype(np.int64)
+        # --- state of the B slots
+        self.user = np.zeros(b, dtype=np.int64)
+        self.group = np.zeros(b, dtype=np.int64)
+        self.pref = np.zeros((b, d), dtype=np.float32)
+        self.fatigue = np.zeros((b, t), dtype=np.float32)  # stored F~ (see _fatigue_scale)
+        self.fat_ref = np.zeros(b, dtype=np.float64)
+        self.budget = np.zeros(b, dtype=np.float32)
+        self.patience = np.zeros(b, dtype=np.float32)
+        self.activity = np.zeros(b, dtype=np.float32)
+        self.time = np.zeros(b, dtype=np.float64)
+        self.session = np.zeros(b, dtype=np.int64)
+        self.position = np.zeros(b, dtype=np.int64)
+        self.steps = np.zeros(b, dtype=np.int64)
+        self.sess_satisfaction = np.zeros(b, dtype=np.float32)
+        self.h_items = np.zeros((b, L), dtype=np.int64)
+        self.h_events = np.zeros((b, L), dtype=np.int64)
+        self.h_time = np.zeros((b, L), dtype=np.float32)
+        self.h_mask = np.zeros((b, L), dtype=np.int8)
+        self._rows = np.arange(b)
+
+    # ------------------------------------------------------------------ reset
+    def reset_slots(
+        self, rows: np.ndarray, rng: np.random.Generator, users: np.ndarray | None = None
+    ) -> None:
+        """Start a new user in each of ``rows`` (a new episode).
+
+        Draws, in this order: the user ids (unless given) and the start times.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        n = rows.size
+        if n == 0:
+            return
+        w = self.world
+        if users is None:
+            users = rng.integers(w.n_users, size=n)
+        start = (
+            rng.uniform(0.0, self.config.start_time_max, size=n)
+            if self.config.start_time_max > 0
+            else np.zeros(n)
+        )
+        users = np.asarray(users, dtype=np.int64)
+        self.user[rows] = users
+        self.group[rows] = w.users.group[users]
+        self.pref[rows] = w.users.preference[users]
+        self.fatigue[rows] = 0.0
+        self.fat_ref[rows] = start
+        self.patience[rows] = w.users.patience[users]
+        self.budget[rows] = w.users.patience[users]
+        self.activity[rows] = w.users.activity[users]
+        self.time[rows] = start
+        self.session[rows] = 0
+        self.position[rows] = 0
+        self.steps[rows] = 0
+        self.sess_satisfaction[rows] = 0.0
+        self.h_items[rows] = 0
+        self.h_events[rows] = 0
+        self.h_time[rows] = 0.0
+        self.h_mask[rows] = 0
+
+    # ------------------------------------------------------------------ validation
+    def validate(
+        self, action: np.ndarray, rows: np.ndarray | None = None, name: str = "action"
+    ) -> np.ndarray:
+        """Check a (B, k) slate batch; raise ``ValueError`` naming the problem. No state change.
+
+        Only ``rows`` (default: all) are checked; other rows are ignored by the step.
+        """
+        a = np.asarray(action)
+        if a.shape != (self.B, self.k):
+            raise ValueError(f"{name} must have shape ({self.B}, {self.k}), got {a.shape}")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"{name} must hold integer item ids, got dtype {a.dtype}")
+        sub = a if rows is None else a[rows]
+        if sub.size == 0:
+            return a.astype(np.int64, copy=False)
+        lo, hi = sub.min(), sub.max()
+        if lo < 0 or hi >= self.n_items:
+            raise ValueError(
+                f"{name} item ids must be in [0, {self.n_items - 1}], got values in [{lo}, {hi}]"
+            )
+        s = np.sort(sub, axis=1)
+        dup = (s[:, 1:] == s[:, :-1]).any(axis=1)
+        if dup.any():
+            r = int(np.nonzero(dup)[0][0])
+            raise ValueError(
+                f"{name} must hold distinct items per slate; row {r} has duplicates: {sub[r].tolist()}"
+            )
+        t = self.time if rows is None else self.time[rows]
+        unreleased = self.release[sub] > t[:, None]
+        if unreleased.any():
+            r, j = (int(x[0]) for x in np.nonzero(unreleased))
+            raise ValueError(
+                f"{name} contains unreleased item {int(sub[r, j])} (release time "
+                f"{float(self.release[sub[r, j]]):.3f} > current time {float(t[r]):.3f}); only "
+                "items with release_time <= time may be recommended"
+            )
+        return a.astype(np.int64, copy=False)
+
+    # ------------------------------------------------------------------ fatigue (lazy decay)
+    # Fatigue decays exponentially in time for all topics at once. Instead of multiplying the
+    # (B, n_topics) matrix every step, we store F~ with a per-slot reference time tau:
+    #   F = F~ * exp(-lambda (t - tau)).
+    # Reads multiply by one factor per slot; an increment adds inc * exp(lambda (t - tau)); a
+    # row is renormalised (tau <- t) when that factor grows past e^10, which happens only after
+    # long gaps. Same numbers as the eager update up to float rounding.
+    def _fatigue_scale(self) -> np.ndarray:
+        return np.exp(-self.fatigue_decay_per_day * (self.time - self.fat_ref)).astype(np.float32)
+
+    def _renormalise_fatigue(self) -> None:
+        stale = np.nonzero(self.fatigue_decay_per_day * (self.time - self.fat_ref) > 10.0)[0]
+        if stale.size:
+            self.fatigue[stale] *= self._fatigue_scale()[stale, None]
+            self.fat_ref[stale] = self.time[stale]
+
+    def current_fatigue(self) -> np.ndarray:
+        """Fatigue per topic, float32 (B, n_topics), decayed to each slot's current time."""
+        return self.fatigue * self._fatigue_scale()[:, None]
+
+    # ------------------------------------------------------------------ step
+    def step(
+        self, slate: np.ndarray, active: np.ndarray | None, rng: np.random.Generator
+    ) -> StepResult:
+        """Advance every active slot by one slate. ``slate`` must already be validated.
+
+        Rows not in ``active`` (a bool mask; ``None`` = all) are computed on a safe slate with
+        no random draws and must be reset by the caller; their results are meaningless.
+        Random draws, only for active slots, in this order: a (n, 4) uniform block (choice,
+        like, return, spare), n standard normals (watch noise), n standard exponentials (gap
+        to the next session). The stream therefore does not depend on other slots.
+        """
+        um = self.um
+        B, k, d = self.B, self.k, self.latent.shape[1]
+        if active is not None and not active.all():
+            idle = np.nonzero(~active)[0]
+            slate = slate.copy()
+            slate[idle] = self.safe_slate
+            n_act = B - idle.size
+            draws = np.zeros((B, 4))
+            noise = np.zeros(B)
+            gap_draw = np.zeros(B)
+            if n_act:
+                draws[active] = rng.random((n_act, 4))
+                noise[active] = rng.standard_normal(n_act)
+                gap_draw[active] = rng.standard_exponential(n_act)
+        else:
+            draws = rng.random((B, 4))
+            noise = rng.standard_normal(B)
+            gap_draw = rng.standard_exponential(B)
+        u_choice, u_like, u_return = draws[:, 0], draws[:, 1], draws[:, 2]
+        flat = slate.ravel()
+
+        # 1. utilities of the shown items
+        z = np.take(self.latent, flat, axis=0).reshape(B, k, d)  # (B, k, d)
+        match = np.matmul(z, self.pref[:, :, None])[:, :, 0]  # (B, k) <p_b, z_i>
+        topics = np.take(self.item_topic, flat).reshape(B, k)
+        fat = np.take_along_axis(self.fatigue, topics, axis=1)  # (B, k) stored F~
+        fat *= self._fatigue_scale()[:, None]  # decayed to now
+        same = np.take(self.item_group, flat).reshape(B, k) == self.group[:, None]  # (B, k)
+        appeal = np.take(self.appeal, flat).reshape(B, k)
+        static = um.affinity_scale * match + appeal  # (B, k) alpha <p, z> + appeal
+        util = slate_utilities(static, fat, same, self.pos_bias, self.cross_log_eps)
+
+        # 2. choice: multinomial logit with a no-click option
+        chosen, click_prob = choose(util, um.no_click_utility, u_choice)
+        clicked = chosen >= 0
+        cpos = np.maximum(chosen, 0)
+        item = slate[self._rows, cpos]  # (B,) chosen item (garbage where no click)
+
+        # 3. response of the chosen item
+        resp = respond(
+            clicked,
+            match[self._rows, cpos],
+            self.quality[item],
+            fat[self._rows, cpos],
+            self.minutes[item],
+            noise,
+            u_like,
+            um,
+        )
+        reward = step_reward(resp, self.config.reward)
+
+        # 4. transitions
+        # 4a. time: a slate takes step_minutes, plus the watch time
+        self.time += (um.step_minutes + resp.watch_minutes) / _MIN_PER_DAY
+        crow = np.nonzero(clicked)[0]
+        if crow.size:
+            citem = item[crow]
+            ctopic = self.item_topic[citem]
+            # 4b. fatigue grows on the consumed topic (and decays lazily, see above)
+            inc = um.fatigue_increment / self._fatigue_scale()[crow]
+            self.fatigue[crow, ctopic] += inc
+            # 4c. interest drift toward the consumed item, scaled by the watch fraction
+            rate = (um.drift_rate * resp.watch_fraction[crow])[:, None]
+            self.pref[crow] += rate * (self.latent[citem] - self.pref[crow])
+            # 4d. history: append the engagement event (oldest first, newest last)
+            for arr, val in (
+                (self.h_items, citem),
+                (self.h_events, resp.event[crow]),
+                (self.h_time, self.time[crow]),
+                (self.h_mask, 1),
+            ):
+                arr[crow, :-1] = arr[crow, 1:]
+                arr[crow, -1] = val
+        # 4e. session budget: every slate costs, satisfaction refills (up to the patience)
+        satisfaction = resp.watch_fraction.copy()
+        satisfaction[resp.event == EventType.LIKE] += 0.5
+        satisfaction[resp.event == EventType.DISLIKE] -= 0.5
+        self.budget += um.refill * satisfaction - um.step_cost
+        np.minimum(self.budget, self.patience, out=self.budget)
+        self.sess_satisfaction += satisfaction
+        self.position += 1
+        self.steps += 1
+        out_position = self.position - 1
+        out_session = self.session.copy()
+        # 4f. leaving: the session ends when the budget runs out; the user returns with a
+        # probability that rises with the session's mean satisfaction, otherwise churns
+        ended = self.budget <= 0
+        terminated = np.zeros(B, dtype=bool)
+        er = np.nonzero(ended)[0]
+        if er.size:
+            sat_rate = self.sess_satisfaction[er] / self.position[er]
+            p_ret = (0.5 + 0.5 * self.activity[er]) / (
+                1.0 + np.exp(-um.return_slope * (sat_rate - um.return_reference))
+            )
+            returns = u_return[er] < p_ret
+            terminated[er[~returns]] = True
+            rr = er[returns]
+            if rr.size:
+                # the gap: fatigue decays over it through the lazy scale
+                self.time[rr] += gap_draw[rr] * um.mean_session_gap / self.activity[rr]
+                self.session[rr] += 1
+                self.position[rr] = 0
+                self.budget[rr] = self.patience[rr]
+                self.sess_satisfaction[rr] = 0.0
+        self._renormalise_fatigue()
+        truncated = (self.steps >= self.config.max_steps) & ~terminated
+        # ground truth for info: P(click) of each shown item alone at the top, current preference
+        with np.errstate(over="ignore"):
+            affinity = 1.0 / (1.0 + np.exp(um.no_click_utility - static))
+        if self.cross_log_eps == -np.inf:
+            affinity *= same
+        else:
+            affinity[~same] *= np.exp(self.cross_log_eps)
+        return StepResult(
+            reward=reward,
+            terminated=terminated,
+            truncated=truncated,
+            chosen=chosen,
+            event=resp.event,
+            watch=resp.watch_minutes,
+            click_prob=click_prob,
+            affinity=affinity.astype(np.float32, copy=False),
+            time=self.time.copy(),
+            session=out_session,
+            position=out_position,
+            session_end=ended,
+        )
+
+    # ------------------------------------------------------------------ observation
+    def observation(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Observation dict of the slots (copies), batched ``(B, ...)`` or for ``rows``."""
+        sl = slice(None) if rows is None else rows
+        t = self.time[sl]
+        mask = self.h_mask[sl]
+        dt = t.astype(np.float32)[:, None] - self.h_time[sl]  # (B, L) days since each event
+        dt *= mask
+        context = np.stack([t, self.session[sl], self.position[sl]], axis=1).astype(np.float32)
+        return {
+            Obs.ITEMS: self.h_items[sl].copy(),
+            Obs.EVENTS: self.h_events[sl].copy(),
+            Obs.DT: dt,
+            Obs.MASK: mask.copy(),
+            Obs.CONTEXT: context,
+            Obs.USER: self.user[sl].copy(),
+        }
+
+    # ------------------------------------------------------------------ truth
+    def true_utility(self, items: np.ndarray) -> np.ndarray:
+        """Current click utility (drifted preference and fatigue, no position term).
+
+        Args:
+            items: int (B, K) per slot, or (K,) shared by all slots.
+
+        Returns:
+            float32 (B, K); ``-inf`` (or ``+ log(epsilon)``) for other-group items.
+        """
+        items = np.asarray(items, dtype=np.int64)
+        fat_now = self.current_fatigue()  # (B, T)
+        if items.ndim == 1:
+            util = self.um.affinity_scale * (self.pref @ self.latent[items].T)  # (B, K)
+            util += self.appeal[items]
+            util -= fat_now[:, self.item_topic[items]]
+            same = self.item_group[items][None, :] == self.group[:, None]
+        else:
+            z = self.latent[items]  # (B, K, d)
+            util = self.um.affinity_scale * np.matmul(z, self.pref[:, :, None])[:, :, 0]
+            util += self.appeal[items]
+            util -= np.take_along_axis(fat_now, self.item_topic[items], axis=1)
+            same = self.item_group[items] == self.group[:, None]
+        if self.cross_log_eps == -np.inf:
+            util[~same] = -np.inf
+        else:
+            util[~same] += np.float32(self.cross_log_eps)
+        return util.astype(np.float32, copy=False)
+
+    def best_slates(self, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Oracle: the k released items of highest current utility per slot, best first.
+
+        Returns ``(items int64 (B, k), utility float32 (B, k))``. Greedy in the current
+        utility (the myopic upper bound); it ignores the position term, which only lowers
+        every slot's utility by the same amount per position.
+        """
+        k = self.k if k is None else int(k)
+        chunk = max(4096, (1 << 23) // max(self.B, 1))  # bounds memory at about B x chunk floats
+        best_s = np.full((self.B, 0), -np.inf, dtype=np.float32)
+        best_i = np.zeros((self.B, 0), dtype=np.int64)
+        for s in range(0, self.n_items, chunk):
+            ids = np.arange(s, min(self.n_items, s + chunk))
+            util = self.true_utility(ids)
+            util[self.release[ids][None, :] > self.time[:, None]] = -np.inf
+            cs = np.concatenate([best_s, util], axis=1)
+            ci = np.concatenate([best_i, np.broadcast_to(ids, (self.B, ids.size))], axis=1)
+            kk = min(k, cs.shape[1])
+            part = np.argpartition(-cs, kk - 1, axis=1)[:, :kk]
+            best_s = np.take_along_axis(cs, part, axis=1)
+            best_i = np.take_along_axis(ci, part, axis=1)
+        order = np.argsort(-best_s, axis=1, kind="stable")
+        return np.take_along_axis(best_i, order, axis=1), np.take_along_axis(best_s, order, axis=1)
