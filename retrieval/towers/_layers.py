@@ -129,8 +129,15 @@ class RotaryEmbedding(nn.Module):
         self.max_positions = max_positions
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` ``(..., S, hd)`` by the angles of integer ``positions`` ``(S,)``."""
-        cos, sin = self.cos[positions], self.sin[positions]  # (S, hd)
+        """Rotate ``x`` by the angles of integer ``positions``.
+
+        Args:
+            x: ``(..., S, hd)``, or ``(B, nh, S, hd)`` when positions are per row.
+            positions: int64 ``(S,)`` shared by all rows, or ``(B, S)`` per row.
+        """
+        cos, sin = self.cos[positions], self.sin[positions]  # (S, hd) or (B, S, hd)
+        if positions.ndim == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, S, hd): broadcast heads
         x1, x2 = x.chunk(2, dim=-1)
         rotated = torch.cat([-x2, x1], dim=-1)  # rotate half: (x1, x2) -> (-x2, x1)
         return x * cos + rotated * sin
@@ -158,6 +165,7 @@ class TransformerBlock(nn.Module):
         allowed: torch.Tensor,
         rotary: RotaryEmbedding | None,
         positions: torch.Tensor,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the block.
 
@@ -167,18 +175,34 @@ class TransformerBlock(nn.Module):
                 Every row must allow at least one key (the diagonal), else SDPA gives NaN.
             rotary: rotary embedding applied to queries and keys, or None.
             positions: int64 ``(S,)`` position ids for the rotary angles.
+            query_index: int64 ``(B,)``: compute the output of this one position per row
+                only (keys and values still come from every position). A last block needs
+                nothing more when the user is pooled from one token; it saves most of the
+                block's work.
 
         Returns:
-            ``(B, S, d)``.
+            ``(B, S, d)``, or ``(B, 1, d)`` with ``query_index``.
         """
         b, s, d = h.shape
         hd = d // self.n_heads
-        qkv = self.qkv(self.attn_norm(h)).view(b, s, 3, self.n_heads, hd)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, S, hd) each
+        x = self.attn_norm(h)  # (B, S, d)
+        if query_index is None:
+            qkv = self.qkv(x).view(b, s, 3, self.n_heads, hd)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, S, hd) each
+            q_pos = positions
+        else:
+            rows = torch.arange(b, device=h.device)
+            h = h[rows, query_index].unsqueeze(1)  # (B, 1, d): residual stream of the query
+            w_q, w_kv = self.qkv.weight.split([d, 2 * d])
+            q = F.linear(x[rows, query_index], w_q).view(b, 1, self.n_heads, hd).transpose(1, 2)
+            kv = F.linear(x, w_kv).view(b, s, 2, self.n_heads, hd)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, nh, S, hd) each
+            allowed = allowed[rows, :, query_index].unsqueeze(2)  # (B, 1, 1, S)
+            q_pos = positions[query_index].unsqueeze(1)  # (B, 1)
         if rotary is not None:
-            q, k = rotary(q, positions), rotary(k, positions)
+            q, k = rotary(q, q_pos), rotary(k, positions)
         a = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout_p if self.training else 0.0
-        )  # (B, nh, S, hd)
-        h = h + self.resid_dropout(self.out(a.transpose(1, 2).reshape(b, s, d)))
+        )  # (B, nh, S_q, hd)
+        h = h + self.resid_dropout(self.out(a.transpose(1, 2).reshape(b, -1, d)))
         return h + self.ffn(self.ffn_norm(h))

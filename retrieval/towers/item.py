@@ -145,7 +145,7 @@ class ItemTower(nn.Module):
                 f"{getattr(item_ids, 'dtype', type(item_ids).__name__)}"
             )
         if item_ids.numel():
-            lo, hi = int(item_ids.min()), int(item_ids.max())
+            lo, hi = (int(v) for v in torch.aminmax(item_ids))
             if lo < 0 or hi >= self.n_items:
                 raise ValueError(
                     f"item_ids must lie in [0, {self.n_items}), got values in [{lo}, {hi}]"

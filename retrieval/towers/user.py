@@ -16,6 +16,10 @@ most recent last, left padding; ``events`` int64 ``(B, L)`` :class:`simenv.types
 ``dt`` float32 ``(B, L)`` days since the event; ``mask`` ``(B, L)`` 1 = real event;
 ``context`` float32 ``(B, 3)`` = (time in days, session index, position in session).
 Numpy arrays are accepted too. A user with an empty history gets a learned "empty" vector.
+
+Parameters are initialised from the tower's ``seed`` only (the global RNG is never read);
+dropout, when enabled in training, draws from torch's global RNG because torch offers no
+generator argument for it, so a training script seeds that once in ``__main__``.
 """
 
 from __future__ import annotations
@@ -511,9 +515,14 @@ class TransformerUserTower(UserTower):
         self._init_own(seed)
         self.inputs.zero_request()
 
-    def _run(self, history: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Transformer outputs ``(B, S, d)`` (S = L, or L + 1 with CLS last) and the mask."""
-        h = self._history(history)
+    def _run(
+        self, h: dict[str, torch.Tensor], query_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Transformer outputs ``(B, S, d)`` (S = L, or L + 1 with CLS last).
+
+        With ``query_index`` ``(B,)`` the last block computes only that position of each
+        row and the result is ``(B, 1, d)``.
+        """
         items, mask = h[Obs.ITEMS], h[Obs.MASK]
         b, seq = items.shape
         if seq > self.max_len:
@@ -537,9 +546,10 @@ class TransformerUserTower(UserTower):
         if self.causal:
             allowed = allowed & torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
         allowed = (allowed | eye).unsqueeze(1)  # (B, 1, S, S); self always visible: no NaN
-        for block in self.blocks:
-            x = block(x, allowed, self.rotary, positions)
-        return self.final_norm(x), mask
+        for i, block in enumerate(self.blocks):
+            last_block = i == len(self.blocks) - 1
+            x = block(x, allowed, self.rotary, positions, query_index if last_block else None)
+        return self.final_norm(x)
 
     def forward_sequence(self, history: Mapping[str, Any]) -> torch.Tensor:
         """Output at every history position, ``(B, L, dim)``; zero on padded positions.
@@ -547,23 +557,26 @@ class TransformerUserTower(UserTower):
         With ``causal=True`` position t depends only on events ``<= t`` (and the request
         context): train next-item prediction with position t predicting the item at t + 1.
         """
-        out, mask = self._run(history)
-        seq = mask.shape[1]
-        return out[:, :seq] * mask.unsqueeze(-1)  # (B, L, d)
+        h = self._history(history)
+        mask = h[Obs.MASK]
+        out = self._run(h)
+        return out[:, : mask.shape[1]] * mask.unsqueeze(-1)  # (B, L, d)
 
     def forward(self, history: Mapping[str, Any]) -> torch.Tensor:
         """Encode users: ``(B, dim)``."""
-        out, mask = self._run(history)
-        seq = mask.shape[1]
-        if self.pooling == "cls":
-            pooled = out[:, seq]  # (B, d)
-        elif self.pooling == "last":
-            # most recent real event (the last slot under left padding)
-            last = seq - 1 - mask.flip(1).long().argmax(dim=1)  # (B,)
-            pooled = out[torch.arange(out.shape[0], device=out.device), last]  # (B, d)
-        else:
+        h = self._history(history)
+        mask = h[Obs.MASK]
+        b, seq = mask.shape
+        if self.pooling == "mean":
+            out = self._run(h)[:, :seq]  # (B, L, d)
             m = mask.unsqueeze(-1).to(out.dtype)  # (B, L, 1)
-            pooled = (out[:, :seq] * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, d)
+            pooled = (out * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, d)
+        else:
+            if self.pooling == "cls":
+                query = torch.full((b,), seq, dtype=torch.int64, device=mask.device)
+            else:  # most recent real event (the last slot under left padding)
+                query = seq - 1 - mask.flip(1).long().argmax(dim=1)  # (B,)
+            pooled = self._run(h, query_index=query).squeeze(1)  # (B, d)
         return self._empty_fill(pooled, mask)
 
     def get_config(self) -> UserTowerConfig:
