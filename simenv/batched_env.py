@@ -84,6 +84,7 @@ class BatchedRecEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self._needs_reset = np.zeros(self.num_envs, dtype=bool)
         self._started = False
+        self._queue = np.zeros(0, dtype=np.int64)
         self._all = np.arange(self.num_envs)
 
     def reset(
@@ -100,6 +101,8 @@ class BatchedRecEnv(VectorEnv):
                 )
             if users.min() < 0 or users.max() >= self.world.n_users:
                 raise ValueError(f"options['user_ids'] must be in [0, {self.world.n_users - 1}]")
+        if users is None and self._queue.size:
+            users = self._pop_queue(self.num_envs)
         self.sim.reset_slots(self._all, self.np_random, users)
         self._needs_reset[:] = False
         self._started = True
@@ -120,7 +123,7 @@ class BatchedRecEnv(VectorEnv):
         res = self.sim.step(slate, active, self.np_random)
         if any_reset:
             rows = np.nonzero(resetting)[0]
-            self.sim.reset_slots(rows, self.np_random)
+            self.sim.reset_slots(rows, self.np_random, self._pop_queue(rows.size))
             res.reward[rows] = 0.0
             res.terminated[rows] = False
             res.truncated[rows] = False
@@ -132,6 +135,31 @@ class BatchedRecEnv(VectorEnv):
             res.truncated,
             self._info(res, resetting if any_reset else None),
         )
+
+    def queue_users(self, user_ids: np.ndarray) -> None:
+        """Users to start next, in order, at the coming autoresets (then random draws resume).
+
+        Lets a data collector run each user of a list exactly once. Queued users replace the
+        random user draw (the start-time draw still happens).
+        """
+        ids = np.asarray(user_ids)
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"user_ids must be a 1-D int array, got {ids.dtype} {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.world.n_users):
+            raise ValueError(f"user_ids must be in [0, {self.world.n_users - 1}]")
+        self._queue = np.concatenate([self._queue, ids.astype(np.int64)])
+
+    def _pop_queue(self, n: int) -> np.ndarray | None:
+        if self._queue.size < n:
+            return None if self._queue.size == 0 else self._fill_queue(n)
+        head, self._queue = self._queue[:n], self._queue[n:]
+        return head
+
+    def _fill_queue(self, n: int) -> np.ndarray:
+        # fewer queued users than slots to reset: the rest get random users
+        extra = self.np_random.integers(self.world.n_users, size=n - self._queue.size)
+        head, self._queue = np.concatenate([self._queue, extra]), np.zeros(0, dtype=np.int64)
+        return head
 
     def _info(self, res: StepResult | None, resetting: np.ndarray | None = None) -> dict[str, Any]:
         sim = self.sim

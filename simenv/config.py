@@ -244,9 +244,9 @@ class UserModelConfig(_Config):
     dislike_threshold: float = 0.25
     step_cost: float = 1.0
     refill: float = 1.6
-    mean_patience: float = 6.0
-    return_slope: float = 8.0
-    return_reference: float = 0.3
+    mean_patience: float = 10.0
+    return_slope: float = 6.0
+    return_reference: float = 0.15
     mean_session_gap: float = 1.0
     step_minutes: float = 1.0
 

@@ -1,0 +1,200 @@
+"""Built-in logging (behaviour) policies with logged propensities.
+
+A policy is anything with ``act(obs) -> slates`` or ``act(obs) -> (slates, propensities)``
+where ``obs`` is the batched observation dict; it may expose the candidate set it ranked as
+``last_candidates`` (B, K) after ``act``. The policies here sample a slate by Plackett-Luce
+(sequential sampling without replacement) from
+
+    q_u(i) = (1 - epsilon) * pi(i) [i allowed for u] / Z_u + epsilon / N_released,
+
+where ``pi`` is the policy's weight (uniform, popularity ** beta, or popularity ** beta inside
+the user's group) over released items, and the epsilon part is uniform over the whole released
+catalog. The logged propensity of the item at position j is the Plackett-Luce factor
+``q(i_j) / (1 - sum_{l<j} q(i_l))``; their product is the slate's probability.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from simenv.config import check_range
+from simenv.types import Obs
+from simenv.world import World
+
+__all__ = ["LoggingPolicy", "UniformPolicy", "PopularityPolicy", "InGroupPolicy"]
+
+
+class LoggingPolicy:
+    """Plackett-Luce sampler over released items; subclasses choose the weights.
+
+    Args:
+        world: the world (catalog release times, popularity; the in-group policy reads groups).
+        slate_size: k.
+        epsilon: share of uniform exploration over the whole released catalog.
+        seed: seed of the policy's own generator.
+    """
+
+    name = "logging"
+
+    def __init__(self, world: World, slate_size: int, epsilon: float = 0.0, seed: int = 0) -> None:
+        check_range("slate_size", slate_size, 1, world.n_items, integer=True)
+        check_range("epsilon", epsilon, 0.0, 1.0)
+        check_range("seed", seed, 0, 2**63 - 1, integer=True)
+        self.world = world
+        self.k = int(slate_size)
+        self.epsilon = float(epsilon)
+        self.rng = np.random.default_rng(seed)
+        self.last_candidates: np.ndarray | None = None
+        n = world.n_items
+        release = world.items.release_time.astype(np.float64)
+        self._release = release
+        by_release = np.argsort(release, kind="stable")
+        self._release_sorted = release[by_release]
+        # policy weights, split in segments (one per group, or one for all)
+        weight, seg = self._weights()
+        if weight.shape != (n,) or np.any(weight < 0) or not np.all(np.isfinite(weight)):
+            raise ValueError("policy weights must be finite, non-negative, one per item")
+        self._weight = weight
+        self._seg = seg  # (N,) segment of each item
+        n_seg = int(seg.max()) + 1
+        # items ordered by segment; cumulative weights for inverse-CDF draws inside a segment
+        order = np.lexsort((np.arange(n), seg))
+        self._seg_items = order
+        self._seg_cdf = np.cumsum(weight[order])
+        bounds = np.searchsorted(seg[order], np.arange(n_seg + 1))
+        self._seg_lo = np.r_[0.0, self._seg_cdf][bounds[:-1]]
+        self._seg_hi = np.r_[0.0, self._seg_cdf][bounds[1:]]
+        # released weight per segment as a function of time: per segment, items by release time
+        self._seg_rel_times = []
+        self._seg_rel_cum = []
+        for g in range(n_seg):
+            ids = by_release[seg[by_release] == g]
+            self._seg_rel_times.append(release[ids])
+            self._seg_rel_cum.append(np.r_[0.0, np.cumsum(weight[ids])])
+
+    def _weights(self) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def _segment_of_users(self, users: np.ndarray) -> np.ndarray:
+        return np.zeros(users.shape[0], dtype=np.int64)
+
+    def _released_weight(self, seg: np.ndarray, t: np.ndarray) -> np.ndarray:
+        z = np.empty(t.shape[0])
+        for g in np.unique(seg):
+            rows = seg == g
+            j = np.searchsorted(self._seg_rel_times[g], t[rows], side="right")
+            z[rows] = self._seg_rel_cum[g][j]
+        return z
+
+    def act(self, obs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Slates (B, k) int64 and their per-position propensities (B, k) float32."""
+        users = np.asarray(obs[Obs.USER], dtype=np.int64).reshape(-1)
+        t = np.asarray(obs[Obs.CONTEXT])[:, 0].astype(np.float64)
+        b, k, eps = users.shape[0], self.k, self.epsilon
+        seg = self._segment_of_users(users)
+        z_pi = self._released_weight(seg, t)  # (B,) released policy weight of each user's segment
+        n_rel = np.searchsorted(self._release_sorted, t, side="right").astype(np.float64)
+        if np.any(n_rel < k):
+            raise ValueError(f"fewer than slate_size={k} items are released at some query time")
+        if eps < 1.0 and np.any(z_pi <= 0):
+            raise ValueError("some user has no released item with positive policy weight")
+        slates = np.full((b, k), -1, dtype=np.int64)
+        filled = np.zeros(b, dtype=np.int64)
+        todo = np.arange(b)
+        m = 2 * k + 4
+        for _ in range(200):
+            if todo.size == 0:
+                break
+            cand = self._draw(seg[todo], todo.size, m)  # (n, m) with replacement
+            ok = self._release[cand] <= t[todo, None]
+            # keep first occurrences (sequential sampling with rejection of repeats = PL)
+            ok &= _first_occurrence(np.where(ok, cand, -1 - np.arange(m)[None, :]))
+            # and drop items already in the slate from earlier rounds
+            prev = slates[todo]
+            ok &= ~(cand[:, :, None] == prev[:, None, :]).any(axis=2)
+            rank = np.cumsum(ok, axis=1) + filled[todo, None]
+            take = ok & (rank <= k)
+            r, c = np.nonzero(take)
+            slates[todo[r], rank[r, c] - 1] = cand[r, c]
+            filled[todo] = np.minimum(rank[:, -1], k)
+            todo = todo[filled[todo] < k]
+            m = min(4 * m, 4096)
+        if todo.size:
+            raise RuntimeError(
+                "could not draw distinct released items; catalog too small for the slate"
+            )
+        # propensities: Plackett-Luce factors of the mixture q
+        q = np.zeros((b, k))
+        if eps < 1.0:
+            same = self._seg[slates] == seg[:, None]
+            q += (1.0 - eps) * self._weight[slates] * same / z_pi[:, None]
+        q += eps / n_rel[:, None]
+        before = np.cumsum(q, axis=1) - q
+        prop = q / np.maximum(1.0 - before, 1e-12)
+        self.last_candidates = None
+        return slates, prop.astype(np.float32)
+
+    def _draw(self, seg: np.ndarray, n: int, m: int) -> np.ndarray:
+        u = self.rng.random((n, m))
+        explore = self.rng.random((n, m)) < self.epsilon
+        lo, hi = self._seg_lo[seg][:, None], self._seg_hi[seg][:, None]
+        pos = np.searchsorted(self._seg_cdf, lo + u * (hi - lo), side="right")
+        pos = np.minimum(pos, self._seg_items.size - 1)
+        drawn = self._seg_items[pos]
+        uniform = self.rng.integers(self.world.n_items, size=(n, m))
+        return np.where(explore, uniform, drawn)
+
+
+def _first_occurrence(a: np.ndarray) -> np.ndarray:
+    """Bool mask of the first occurrence of each value in each row of ``a`` (B, m)."""
+    order = np.argsort(a, axis=1, kind="stable")
+    s = np.take_along_axis(a, order, axis=1)
+    first_sorted = np.ones_like(s, dtype=bool)
+    first_sorted[:, 1:] = s[:, 1:] != s[:, :-1]
+    out = np.empty_like(first_sorted)
+    np.put_along_axis(out, order, first_sorted, axis=1)
+    return out
+
+
+class UniformPolicy(LoggingPolicy):
+    """Uniformly random released items (epsilon has no effect)."""
+
+    name = "uniform"
+
+    def _weights(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.world.n_items
+        return np.ones(n), np.zeros(n, dtype=np.int64)
+
+
+class PopularityPolicy(LoggingPolicy):
+    """Items in proportion to ``base popularity ** beta`` over the whole released catalog."""
+
+    name = "popularity"
+
+    def __init__(
+        self, world: World, slate_size: int, epsilon: float = 0.0, seed: int = 0, beta: float = 0.5
+    ) -> None:
+        check_range("beta", beta, 0.0, 10.0)
+        self.beta = float(beta)
+        super().__init__(world, slate_size, epsilon, seed)
+
+    def _weights(self) -> tuple[np.ndarray, np.ndarray]:
+        pop = self.world.items.popularity.astype(np.float64)
+        return pop**self.beta, np.zeros(self.world.n_items, dtype=np.int64)
+
+
+class InGroupPolicy(PopularityPolicy):
+    """Only items of the user's own group, ``popularity ** beta`` inside it (plus epsilon uniform).
+
+    This is the behaviour that makes folding appear: every slate is local to a group, so a
+    model trained only on impressions never compares items across groups.
+    """
+
+    name = "in-group"
+
+    def _weights(self) -> tuple[np.ndarray, np.ndarray]:
+        pop = self.world.items.popularity.astype(np.float64)
+        return pop**self.beta, self.world.items.group.astype(np.int64)
+
+    def _segment_of_users(self, users: np.ndarray) -> np.ndarray:
+        return self.world.users.group[users]
