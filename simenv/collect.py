@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from simenv.batched_env import BatchedRecEnv
 from simenv.config import check_range
 from simenv.log import ImpressionLog
-from simenv.types import Columns, EventType, Obs
+from simenv.types import Columns, Obs
 
 __all__ = ["collect"]
 
