@@ -10,7 +10,10 @@ Registered ids:
 from gymnasium.envs.registration import register, registry
 
 from simenv.batched_env import BatchedRecEnv
+from simenv.collect import collect
 from simenv.config import EnvConfig, RewardConfig, UserModelConfig, WorldConfig
+from simenv.log import ImpressionLog, LogFormatError
+from simenv.policies import InGroupPolicy, LoggingPolicy, PopularityPolicy, UniformPolicy
 from simenv.rec_env import RecEnv
 from simenv.types import Columns, EventType, ItemCatalog, Obs
 from simenv.world import World
@@ -18,6 +21,13 @@ from simenv.world import World
 __all__ = [
     "BatchedRecEnv",
     "Columns",
+    "collect",
+    "ImpressionLog",
+    "InGroupPolicy",
+    "LogFormatError",
+    "LoggingPolicy",
+    "PopularityPolicy",
+    "UniformPolicy",
     "EnvConfig",
     "EventType",
     "ItemCatalog",
