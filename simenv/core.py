@@ -270,7 +270,9 @@ class Simulator:
         reward = step_reward(resp, self.config.reward)
 
         # 4. transitions
-        # 4a. time: a slate takes step_minutes, plus the watch time
+        # 4a. time: a slate takes step_minutes, plus the watch time; an event is stamped with
+        # the time its slate was requested (as in the impression log)
+        request_time = self.time.copy()
         self.time += (um.step_minutes + resp.watch_minutes) / _MIN_PER_DAY
         crow = np.nonzero(clicked)[0]
         if crow.size:
@@ -286,7 +288,7 @@ class Simulator:
             for arr, val in (
                 (self.h_items, citem),
                 (self.h_events, resp.event[crow]),
-                (self.h_time, self.time[crow]),
+                (self.h_time, request_time[crow]),
                 (self.h_mask, 1),
             ):
                 arr[crow, :-1] = arr[crow, 1:]
