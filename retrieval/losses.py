@@ -168,36 +168,121 @@ def _accidental_hits(
     return hit_rows, cols
 
 
-def _softmax_rows(
+class _SampledSoftmaxFn(torch.autograd.Function):
+    """Scores, masking, softmax cross-entropy and its gradient in one pass over ``(B, M)``.
+
+    Autograd through ``addmm -> index_put -> logsumexp -> logaddexp`` makes about ten passes
+    over the ``(B, M)`` score matrix and allocates several copies of it. Here the forward
+    writes the scores once, turns them in place into ``exp(x - m)`` (``m`` the row maximum,
+    positive included), and keeps that buffer; the backward scales it in place into
+    ``dL/dx = exp(x - m) / Z`` and multiplies it back into the two factors. Five elementwise
+    passes in all, one ``(B, M)`` buffer.
+
+    Per row, with ``t`` the positive's term (``f(u, p)``, or ``f(u, p) - log Q(p)`` for
+    L_logQ2) and ``x_j`` the corrected, masked negatives:
+
+    - positive in the denominator: ``L = log(e^t + sum_j e^{x_j}) - t``;
+    - ``derived``: ``L = log(sum_j e^{x_j}) - t`` (positive NOT in the denominator), and 0 for
+      a row without any valid negative.
+
+    The buffer is reused by the backward, so the graph can be backpropagated once only.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        neg_bias: torch.Tensor | None,
+        pos_term: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        derived: bool,
+    ) -> torch.Tensor:
+        if neg_bias is not None:
+            e = torch.addmm(neg_bias[None, :], q, keys.T)  # (B, M) f(u, d_j) - log Q(d_j)
+        else:
+            e = q @ keys.T  # (B, M) f(u, d_j)
+        mask = _mask_value(e.dtype)
+        if rows.numel():
+            e.index_put_((rows, cols), e.new_tensor(mask))  # accidental hits
+        m = e.amax(dim=1)  # (B,)
+        if not derived:
+            m = torch.maximum(m, pos_term)
+        e.sub_(m[:, None]).exp_()  # (B, M) exp(x - m); masked cells underflow to 0
+        s = e.sum(dim=1)  # (B,)
+        if derived:
+            # -log e^{f(p)} / sum_j e^{f(d_j) - log Q(d_j)}. A row whose negatives are all
+            # masked (m at the mask value) carries no information: loss and gradient 0.
+            has = m > 0.5 * mask
+            z = torch.where(has, s, torch.ones_like(s))
+            loss = torch.where(has, m + torch.log(z) - pos_term, torch.zeros_like(s))
+            e_pos = None
+        else:
+            # -log e^t / (e^t + sum_j e^{x_j}); logQ3 and "none": t = f(u, p), logQ2: corrected.
+            has = None
+            e_pos = torch.exp(pos_term - m)  # (B,)
+            z = s + e_pos
+            loss = m + torch.log(z) - pos_term
+        ctx.save_for_backward(q, keys, e, z, e_pos, has)
+        ctx.derived = derived
+        ctx.consumed = False
+        return loss  # (B,)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError(
+                "the sampled softmax reuses its score buffer in backward: backpropagate its "
+                "graph once (retain_graph=True with a second backward is not supported)"
+            )
+        ctx.consumed = True
+        q, keys, e, z, e_pos, has = ctx.saved_tensors
+        coef = g / z  # (B,)
+        if has is not None:
+            coef = torch.where(has, coef, torch.zeros_like(coef))
+        grad = e.mul_(coef[:, None])  # (B, M) dL/dx = g exp(x - m) / Z, in place
+        grad_q = grad @ keys if ctx.needs_input_grad[0] else None  # (B, d)
+        grad_keys = grad.T @ q if ctx.needs_input_grad[1] else None  # (M, d)
+        grad_pos = None
+        if ctx.needs_input_grad[3]:
+            if ctx.derived:
+                grad_pos = torch.where(has, -g, torch.zeros_like(g))
+            else:
+                grad_pos = g * (e_pos / z - 1.0)  # d/dt [log(e^t + S) - t]
+        return grad_q, grad_keys, None, grad_pos, None, None, None
+
+
+def _sampled_softmax_rows(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    neg_log_q: torch.Tensor | None,
     pos_logit: torch.Tensor,
-    neg_logits: torch.Tensor,
-    logq: str,
     pos_log_q: torch.Tensor | None,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    logq: str,
 ) -> torch.Tensor:
-    """Per-row softmax loss from the positive's logit and corrected, masked negative logits.
+    """Per-row sampled softmax loss ``(B,)`` of one of the lecture's logQ variants.
 
     Args:
+        q: ``(B, d)`` prepared user vectors divided by ``tau``.
+        keys: ``(M, d)`` prepared negative item vectors.
+        neg_log_q: ``(M,)`` ``log Q(d_j)`` (None for ``"none"``).
         pos_logit: ``(B,)`` ``f(u, p)``.
-        neg_logits: ``(B, M)`` ``f(u, d_i) - log Q(d_i)`` (or uncorrected), masked entries at
-            the dtype's minimum.
+        pos_log_q: ``(B,)`` ``log Q(p)`` (for ``"positive_and_negatives"``).
+        rows: ``(H,)`` row of each masked cell (accidental hits).
+        cols: ``(H,)`` column of each masked cell.
         logq: one of :data:`LOGQ_VARIANTS`.
-        pos_log_q: ``(B,)`` ``log Q(p)``, needed for ``"positive_and_negatives"``.
     """
-    lse_neg = torch.logsumexp(neg_logits, dim=1)  # (B,)
-    if logq == "derived":
-        # Derived estimator: -log e^{f(p)} / sum_i e^{f(d_i) - log Q(d_i)}, positive NOT in
-        # the denominator. A row without any valid negative carries no information: loss 0.
-        has_neg = lse_neg > 0.5 * _mask_value(neg_logits.dtype)
-        return torch.where(has_neg, lse_neg - pos_logit, torch.zeros_like(lse_neg))
     if logq == "positive_and_negatives":
         # L_logQ2: the positive is corrected like the negatives.
-        assert pos_log_q is not None
         pos_term = pos_logit - pos_log_q
     else:
-        # L_logQ3 ("negatives_only") and the plain sampled softmax ("none"): no correction on
-        # the positive; it is in the denominator.
+        # L_logQ3 ("negatives_only"), "none" and "derived": no correction on the positive.
         pos_term = pos_logit
-    return torch.logaddexp(pos_term, lse_neg) - pos_term  # (B,)
+    bias = None if (logq == "none" or neg_log_q is None) else -neg_log_q.detach()
+    return _SampledSoftmaxFn.apply(q, keys, bias, pos_term, rows, cols, logq == "derived")
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,7 +750,7 @@ class _SampledBase(nn.Module):
         user_positive_ids: torch.Tensor | None,
         apply_log_q: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, _Negatives, tuple[torch.Tensor, torch.Tensor]]:
-        """Positive logits ``(B,)``, masked negative logits ``(B, M)``, negatives, masked cells."""
+        """Query ``(B, d)``, positive logits ``(B,)``, the negatives, and the masked cells."""
         _check_vecs("user_vecs", user_vecs)
         b, d = user_vecs.shape
         _check_vecs("pos_vecs", pos_vecs, b, d)
@@ -691,21 +776,13 @@ class _SampledBase(nn.Module):
             frequency,
             apply_log_q and self.config.logq != "none",
         )
-        if neg.log_q is not None:
-            # f(u, d_i) - log Q(d_i), the correction folded into the matmul (addmm's bias).
-            logits = torch.addmm(-neg.log_q[None, :], q, neg.keys.T)  # (B, M)
-        else:
-            logits = q @ neg.keys.T  # (B, M)
         if self.config.mask_accidental_hits:
             rows, cols = _accidental_hits(neg.ids, pos_ids, user_positive_ids)
         elif neg.self_cols is not None:
             rows, cols = torch.arange(b, device=q.device), neg.self_cols
         else:
             rows = cols = torch.zeros(0, dtype=torch.int64, device=q.device)
-        if rows.numel():
-            # In place on addmm's output (its backward needs only q and the keys): no copy.
-            logits.index_put_((rows, cols), logits.new_tensor(_mask_value(logits.dtype)))
-        return pos_logit, logits, neg, (rows, cols)
+        return q, pos_logit, neg, (rows, cols)
 
     def _after(self, neg: _Negatives) -> None:
         if self.config.memory_queue and self.training:
@@ -763,13 +840,15 @@ class SampledSoftmaxLoss(_SampledBase):
         Returns:
             The loss.
         """
-        pos_logit, logits, neg, _ = self._scores(
+        q, pos_logit, neg, (rows, cols) = self._scores(
             user_vecs, pos_ids, pos_vecs, encode_items, generator, frequency,
             user_positive_ids, apply_log_q=True,
         )  # fmt: skip
-        rows = _softmax_rows(pos_logit, logits, self.config.logq, neg.pos_log_q)  # (B,)
+        loss = _sampled_softmax_rows(
+            q, neg.keys, neg.log_q, pos_logit, neg.pos_log_q, rows, cols, self.config.logq
+        )  # (B,)
         self._after(neg)
-        return _reduce(rows, reduction)
+        return _reduce(loss, reduction)
 
 
 class SampledBinaryLoss(_SampledBase):
@@ -816,10 +895,11 @@ class SampledBinaryLoss(_SampledBase):
         user_positive_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Loss of a batch; arguments as in :meth:`SampledSoftmaxLoss.forward`."""
-        pos_logit, logits, neg, (rows, cols) = self._scores(
+        q, pos_logit, neg, (rows, cols) = self._scores(
             user_vecs, pos_ids, pos_vecs, encode_items, generator, frequency,
             user_positive_ids, apply_log_q=False,
         )  # fmt: skip
+        logits = q @ neg.keys.T  # (B, M)
         valid = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
         if rows.numel():
             valid[rows, cols] = False
@@ -884,20 +964,23 @@ def sampled_softmax_loss(
     q = similarity.query(user_vecs)  # (B, d)
     pos_logit = (q * similarity.prepare(pos_vecs)).sum(-1)  # (B,)
     keys = similarity.prepare(neg_vecs)  # (M, d)
-    if logq != "none":
-        logits = torch.addmm(-neg_log_q.to(q.dtype)[None, :], q, keys.T)  # (B, M)
-    else:
-        logits = q @ keys.T  # (B, M)
     if mask_accidental_hits:
         rows, cols = _accidental_hits(
             neg_ids.to(torch.int64), pos_ids.to(torch.int64), user_positive_ids
         )
-        if rows.numel():
-            logits.index_put_((rows, cols), logits.new_tensor(_mask_value(logits.dtype)))
-    rows_loss = _softmax_rows(
-        pos_logit, logits, logq, None if pos_log_q is None else pos_log_q.to(q.dtype)
+    else:
+        rows = cols = torch.zeros(0, dtype=torch.int64, device=q.device)
+    loss = _sampled_softmax_rows(
+        q,
+        keys,
+        None if neg_log_q is None else neg_log_q.to(q.dtype),
+        pos_logit,
+        None if pos_log_q is None else pos_log_q.to(q.dtype),
+        rows,
+        cols,
+        logq,
     )
-    return _reduce(rows_loss, reduction)
+    return _reduce(loss, reduction)
 
 
 # --------------------------------------------------------------------------------------------
