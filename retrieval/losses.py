@@ -449,7 +449,10 @@ class NegativeSamplerConfig:
             ``"expected_count"`` makes L_logQ3 consistent (see the module docstring).
         mask_accidental_hits: mask negatives equal to the row's positive (and to the
             ``user_positive_ids`` given to ``forward``). When False, only the row's own
-            positive in the in-batch block is masked.
+            positive in the in-batch block is masked. Note: ``"derived"`` keeps the positive
+            out of the denominator, so it converges to the full softmax only when the
+            positive may also be drawn as a negative (``False``); L_logQ3 with the default
+            ``logq_scale`` converges with masking on.
     """
 
     uniform: int = 0

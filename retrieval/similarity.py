@@ -110,6 +110,7 @@ class Similarity(nn.Module):
         else:
             self.register_parameter("log_tau", None)
             fixed = 1.0 if self.config.temperature is None else float(self.config.temperature)
+            self._fixed_gamma = 1.0 / fixed  # Python float: exact in any dtype
             self.register_buffer("_fixed_tau", torch.tensor(fixed), persistent=False)
 
     @property
@@ -144,6 +145,8 @@ class Similarity(nn.Module):
 
         Scores against prepared item vectors ``k`` are then the plain product ``query(u) @ k.T``.
         """
+        if self.log_tau is None:
+            return self.prepare(user) * self._fixed_gamma
         return self.prepare(user) * self.gamma.to(user.dtype)
 
     def forward(self, user: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
