@@ -57,20 +57,21 @@ class LoggingPolicy:
         self._weight = weight
         self._seg = seg  # (N,) segment of each item
         n_seg = int(seg.max()) + 1
-        # items ordered by segment; cumulative weights for inverse-CDF draws inside a segment
-        order = np.lexsort((np.arange(n), seg))
+        # items ordered by (segment, release time, id): the items of a segment released by time
+        # t are a prefix of the segment's block, so one inverse-CDF draw over that prefix samples
+        # pi restricted to the released items exactly (rejecting unreleased draws instead would
+        # reweight the two parts of the epsilon mixture by their acceptance rates)
+        order = np.lexsort((np.arange(n), release, seg))
         self._seg_items = order
         self._seg_cdf = np.cumsum(weight[order])
-        bounds = np.searchsorted(seg[order], np.arange(n_seg + 1))
-        self._seg_lo = np.r_[0.0, self._seg_cdf][bounds[:-1]]
-        self._seg_hi = np.r_[0.0, self._seg_cdf][bounds[1:]]
-        # released weight per segment as a function of time: per segment, items by release time
-        self._seg_rel_times = []
-        self._seg_rel_cum = []
-        for g in range(n_seg):
-            ids = by_release[seg[by_release] == g]
-            self._seg_rel_times.append(release[ids])
-            self._seg_rel_cum.append(np.r_[0.0, np.cumsum(weight[ids])])
+        self._cdf0 = np.r_[0.0, self._seg_cdf]  # cdf with a leading 0: weight of a prefix
+        self._cnt0 = np.r_[0, np.cumsum(weight[order] > 0)]  # positive-weight items of a prefix
+        self._seg_start = np.searchsorted(seg[order], np.arange(n_seg + 1))
+        self._by_release = by_release
+        # release times of each segment's items, in block order
+        self._seg_rel_times = [
+            release[order[self._seg_start[g] : self._seg_start[g + 1]]] for g in range(n_seg)
+        ]
 
     def _weights(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
@@ -78,13 +79,14 @@ class LoggingPolicy:
     def _segment_of_users(self, users: np.ndarray) -> np.ndarray:
         return np.zeros(users.shape[0], dtype=np.int64)
 
-    def _released_weight(self, seg: np.ndarray, t: np.ndarray) -> np.ndarray:
-        z = np.empty(t.shape[0])
-        for g in np.unique(seg):
+    def _released_end(self, seg: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """(B,) end of the released prefix of each row's segment block (index into the order)."""
+        end = np.empty(t.shape[0], dtype=np.int64)
+        for g in np.unique(seg):  # one pass per segment (group), not per user
             rows = seg == g
             j = np.searchsorted(self._seg_rel_times[g], t[rows], side="right")
-            z[rows] = self._seg_rel_cum[g][j]
-        return z
+            end[rows] = self._seg_start[g] + j
+        return end
 
     def act(self, obs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Slates (B, k) int64 and their per-position propensities (B, k) float32."""
@@ -92,12 +94,23 @@ class LoggingPolicy:
         t = np.asarray(obs[Obs.CONTEXT])[:, 0].astype(np.float64)
         b, k, eps = users.shape[0], self.k, self.epsilon
         seg = self._segment_of_users(users)
-        z_pi = self._released_weight(seg, t)  # (B,) released policy weight of each user's segment
-        n_rel = np.searchsorted(self._release_sorted, t, side="right").astype(np.float64)
+        start = self._seg_start[seg]  # (B,) first index of each row's segment block
+        end = self._released_end(seg, t)  # (B,) end of its released prefix
+        z_pi = self._cdf0[end] - self._cdf0[start]  # (B,) released policy weight Z_u
+        n_rel_int = np.searchsorted(self._release_sorted, t, side="right")  # (B,) N_released
+        n_rel = n_rel_int.astype(np.float64)
         if np.any(n_rel < k):
             raise ValueError(f"fewer than slate_size={k} items are released at some query time")
         if eps < 1.0 and np.any(z_pi <= 0):
             raise ValueError("some user has no released item with positive policy weight")
+        if eps == 0.0:
+            n_allowed = self._cnt0[end] - self._cnt0[start]  # (B,)
+            if np.any(n_allowed < k):
+                r = int(np.argmin(n_allowed))
+                raise ValueError(
+                    f"with epsilon=0 the policy may show only {int(n_allowed[r])} released items "
+                    f"to user {int(users[r])} at time {t[r]:.3f}, fewer than slate_size={k}"
+                )
         slates = np.full((b, k), -1, dtype=np.int64)
         filled = np.zeros(b, dtype=np.int64)
         todo = np.arange(b)
@@ -105,8 +118,8 @@ class LoggingPolicy:
         for _ in range(200):
             if todo.size == 0:
                 break
-            cand = self._draw(seg[todo], todo.size, m)  # (n, m) with replacement
-            ok = self._release[cand] <= t[todo, None]
+            cand = self._draw(start[todo], end[todo], n_rel_int[todo], m)  # (n, m), replacement
+            ok = self._release[cand] <= t[todo, None]  # always true; a guard only
             # keep first occurrences (sequential sampling with rejection of repeats = PL)
             ok &= _first_occurrence(np.where(ok, cand, -1 - np.arange(m)[None, :]))
             # and drop items already in the slate from earlier rounds
@@ -134,14 +147,17 @@ class LoggingPolicy:
         self.last_candidates = None
         return slates, prop.astype(np.float32)
 
-    def _draw(self, seg: np.ndarray, n: int, m: int) -> np.ndarray:
+    def _draw(self, start: np.ndarray, end: np.ndarray, n_rel: np.ndarray, m: int) -> np.ndarray:
+        """Draw m items per row i.i.d. from q: pi over the released segment prefix, or uniform."""
+        n = start.shape[0]
         u = self.rng.random((n, m))
         explore = self.rng.random((n, m)) < self.epsilon
-        lo, hi = self._seg_lo[seg][:, None], self._seg_hi[seg][:, None]
-        pos = np.searchsorted(self._seg_cdf, lo + u * (hi - lo), side="right")
-        pos = np.minimum(pos, self._seg_items.size - 1)
+        lo, hi = self._cdf0[start][:, None], self._cdf0[end][:, None]  # (n, 1)
+        pos = np.searchsorted(self._seg_cdf, lo + u * (hi - lo), side="right")  # (n, m)
+        pos = np.clip(pos, start[:, None], np.maximum(end - 1, start)[:, None])  # rounding guard
         drawn = self._seg_items[pos]
-        uniform = self.rng.integers(self.world.n_items, size=(n, m))
+        # epsilon part: uniform over the released catalog (a prefix of the items by release time)
+        uniform = self._by_release[self.rng.integers(n_rel[:, None], size=(n, m))]
         return np.where(explore, uniform, drawn)
 
 
