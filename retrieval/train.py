@@ -1,0 +1,461 @@
+"""Training loop of the two-tower candidate generator.
+
+``fit_two_tower`` trains a :class:`TwoTowerModel` on a log with any loss of
+``retrieval.losses`` (full softmax, sampled softmax with any negatives and logQ variant, BCE,
+BPR, gBCE, impression-aware BCE): progress bar, early stopping on validation recall@K,
+configurable torch threads (one thread is steadier on a shared 2-core machine), atomic
+checkpoints with their config, and ``torch.distributed`` data parallelism (gloo on CPU: each process takes a
+slice of every global batch and gradients are averaged over processes after each backward,
+as DDP does; cross-device negatives come from the loss's ``cross_device`` option).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from retrieval.data import (
+    EvalSet,
+    EventSequences,
+    causal_windows,
+    impression_examples,
+    next_item_examples,
+    take_obs,
+)
+from retrieval.distributed import is_distributed
+from retrieval.frequency import CountMinSketch, ExactItemFrequency
+from retrieval.losses import RetrievalLossConfig, build_loss
+from retrieval.model import TwoTowerModel
+from simenv.log import ImpressionLog
+from simenv.types import Obs
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "fit_two_tower",
+    "evaluate_recall",
+    "save_checkpoint",
+    "load_checkpoint",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the generator is trained.
+
+    Attributes:
+        epochs: maximum passes over the training examples.
+        batch_size: examples per step (per process under torch.distributed).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        grad_clip: max gradient norm (None: no clipping).
+        history_length: L, events in each training observation.
+        causal: train sequence towers (transformer, GRU) on all positions at once
+            (``forward_sequence`` over windows) instead of one example per positive.
+        patience: epochs without validation improvement before stopping (0: never stop early).
+        eval_k: K of the validation recall@K used for early stopping.
+        max_examples_per_epoch: cap on examples drawn per epoch (None: all).
+        frequency: ``"exact"`` counts of the training positives or a streaming
+            ``"sketch"`` (count-min, updated batch by batch) for logQ and popularity negatives.
+        sketch_width: count-min width.
+        sketch_depth: count-min depth.
+        threads: ``torch.set_num_threads`` during training (None: leave as is).
+        seed: seed of initial shuffles and sampled negatives.
+        progress: show a tqdm bar.
+        checkpoint_dir: write ``best.pt`` there (atomically) when validation improves.
+    """
+
+    epochs: int = 10
+    batch_size: int = 1024
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = 5.0
+    history_length: int = 32
+    causal: bool = False
+    patience: int = 2
+    eval_k: int = 100
+    max_examples_per_epoch: int | None = None
+    frequency: str = "exact"
+    sketch_width: int = 4096
+    sketch_depth: int = 4
+    threads: int | None = None
+    seed: int = 0
+    progress: bool = True
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in (
+            "epochs",
+            "batch_size",
+            "history_length",
+            "eval_k",
+            "sketch_width",
+            "sketch_depth",
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if (
+            isinstance(self.patience, bool)
+            or not isinstance(self.patience, int)
+            or self.patience < 0
+        ):
+            raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not (
+            math.isfinite(self.grad_clip) and self.grad_clip > 0
+        ):
+            raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip!r}")
+        if self.frequency not in ("exact", "sketch"):
+            raise ValueError(f"frequency must be 'exact' or 'sketch', got {self.frequency!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be None or an integer >= 1, got {self.threads!r}")
+        if self.max_examples_per_epoch is not None and self.max_examples_per_epoch < 1:
+            raise ValueError(
+                f"max_examples_per_epoch must be None or >= 1, got {self.max_examples_per_epoch}"
+            )
+
+
+@dataclass
+class TrainResult:
+    """What training did.
+
+    Attributes:
+        history: one dict per epoch: epoch, loss, valid_recall (None without validation),
+            tau, examples, seconds, examples_per_s.
+        best_epoch: epoch of the best validation recall (the weights kept), or the last epoch.
+        best_recall: its validation recall@K (None without validation).
+        tau_trajectory: temperature after every logged step (learnable temperature).
+        frequency: item frequency used for logQ / popularity (counts of training positives).
+    """
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_recall: float | None = None
+    tau_trajectory: list[float] = field(default_factory=list)
+    frequency: Any = None
+
+    @property
+    def examples_per_s(self) -> float:
+        """Mean training throughput over the epochs."""
+        ex = sum(h["examples"] for h in self.history)
+        s = sum(h["seconds"] for h in self.history)
+        return ex / s if s > 0 else float("nan")
+
+
+def _to_torch_obs(obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in obs.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        out[k] = t.float() if k in (Obs.DT, Obs.CONTEXT) else t.long()
+    return out
+
+
+@torch.no_grad()
+def evaluate_recall(
+    model: TwoTowerModel, ev: EvalSet, k: int, release_time: np.ndarray, batch: int = 1024
+) -> float:
+    """Mean recall@k of the model over ``ev`` (full catalog, unreleased items excluded).
+
+    Recall = |top-k ∩ held-out positives| / min(|positives|, k), averaged over users.
+    """
+    if len(ev) == 0:
+        return float("nan")
+    was = model.training
+    model.eval()
+    sim = model.similarity
+    items = sim.prepare(model.all_item_vectors())  # (N, d)
+    rel = torch.from_numpy(np.asarray(release_time, dtype=np.float64))
+    total = 0.0
+    for s in range(0, len(ev), batch):
+        rows = np.arange(s, min(len(ev), s + batch))
+        obs = _to_torch_obs(take_obs(ev.obs, rows))
+        u = sim.prepare(model.user_vectors(obs))
+        sc = u @ items.T  # (b, N)
+        now = torch.from_numpy(ev.time[rows])
+        sc.masked_fill_(rel[None, :] > now[:, None], float("-inf"))
+        top = torch.topk(sc, min(k, sc.shape[1]), dim=1).indices.numpy()
+        pos = ev.positives[rows]
+        hit = (top[:, :, None] == pos[:, None, :]) & (pos[:, None, :] >= 0)
+        n_pos = (pos >= 0).sum(axis=1)
+        total += float((hit.any(axis=1).sum(axis=1) / np.minimum(n_pos, k)).sum())
+    model.train(was)
+    return total / len(ev)
+
+
+def save_checkpoint(
+    model: nn.Module, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
+    """``torch.save`` the state dict with the model's config, atomically (temp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = getattr(model, "config", None)
+    payload = {
+        "state_dict": model.state_dict(),
+        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` into ``model``; returns its payload."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"no checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling error means a bad file
+        raise ValueError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
+    if not isinstance(payload, dict) or "state_dict" not in payload:
+        raise ValueError(f"{path} is not a checkpoint written by save_checkpoint")
+    model.load_state_dict(payload["state_dict"])
+    return payload
+
+
+def fit_two_tower(
+    model: TwoTowerModel,
+    loss_config: RetrievalLossConfig,
+    train_log: ImpressionLog,
+    sequences: EventSequences,
+    config: TrainConfig | None = None,
+    valid: EvalSet | None = None,
+    release_time: np.ndarray | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``train_log`` with the loss ``loss_config`` names.
+
+    Args:
+        model: the two towers and similarity (trained in place; the best validation weights
+            are restored at the end).
+        loss_config: which loss, which negatives, which logQ variant.
+        train_log: impressions of the training period.
+        sequences: engagement events of every period up to the training end (histories).
+        config: training config.
+        valid: held-out queries for early stopping (recall@``eval_k``).
+        release_time: (N,) item release times (required with ``valid``).
+
+    Returns:
+        A :class:`TrainResult`.
+    """
+    cfg = TrainConfig() if config is None else config
+    if valid is not None and release_time is None:
+        raise ValueError("release_time is required when valid is given")
+    n_items = model.n_items
+    old_threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _fit(model, loss_config, train_log, sequences, cfg, valid, release_time, n_items)
+    finally:
+        if cfg.threads is not None:
+            torch.set_num_threads(old_threads)
+
+
+def _fit(
+    model: TwoTowerModel,
+    loss_config: RetrievalLossConfig,
+    train_log: ImpressionLog,
+    sequences: EventSequences,
+    cfg: TrainConfig,
+    valid: EvalSet | None,
+    release_time: np.ndarray | None,
+    n_items: int,
+) -> TrainResult:
+    rank, world = (
+        (torch.distributed.get_rank(), torch.distributed.get_world_size())
+        if is_distributed()
+        else (0, 1)
+    )
+    impression = loss_config.kind == "impression_bce"
+    causal = cfg.causal and not impression
+    if causal and not hasattr(model.user_tower, "forward_sequence"):
+        raise ValueError("causal=True needs a sequence user tower (transformer or GRU)")
+    L = cfg.history_length
+    # ---- examples
+    if impression:
+        data = impression_examples(train_log, sequences, L)
+        targets_for_freq = data.items[data.labels > 0]
+    elif causal:
+        train_end = float(train_log["time"].max()) if len(train_log) else -np.inf
+        data = causal_windows(sequences, L, event_mask=sequences.times <= train_end)
+        targets_for_freq = data.targets[data.targets >= 0]
+    else:
+        data = next_item_examples(train_log, sequences, L)
+        targets_for_freq = data.target
+    n_ex = len(data)
+    if n_ex == 0:
+        raise ValueError("no training examples in train_log (no positives?)")
+    # ---- item frequency of the positives (logQ, popularity negatives)
+    if cfg.frequency == "exact":
+        freq = ExactItemFrequency(n_items)
+        freq.update(targets_for_freq)
+    else:
+        freq = CountMinSketch(cfg.sketch_width, cfg.sketch_depth, seed=cfg.seed)
+    user_pos = None if impression else sequences.positives_matrix(data.user, width=32)
+    loss_fn = build_loss(loss_config, n_items, model.similarity)
+    if world > 1:  # start every process from rank 0's weights
+        for t in model.state_dict().values():
+            torch.distributed.broadcast(t, src=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7]))
+    result = TrainResult(frequency=freq)
+    best_state = None
+    best = -np.inf
+    bad_epochs = 0
+    per_epoch = (
+        n_ex if cfg.max_examples_per_epoch is None else min(n_ex, cfg.max_examples_per_epoch)
+    )
+    global_batch = cfg.batch_size * world
+    steps = max(1, per_epoch // global_batch) if per_epoch >= global_batch else 1
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        order = rng.permutation(n_ex)
+        t0 = time.perf_counter()
+        tot, seen = 0.0, 0
+        bar = tqdm(
+            range(steps), desc=f"epoch {epoch}", disable=not cfg.progress or rank != 0, leave=False
+        )
+        for step in bar:
+            rows = order[step * global_batch : (step + 1) * global_batch]
+            rows = rows[rank::world]
+            if rows.size == 0:
+                continue
+            if cfg.frequency == "sketch":
+                freq.update(_targets_of(data, rows, impression, causal))
+            loss = _batch_loss(model, loss_fn, data, rows, impression, causal, gen, freq, user_pos)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:  # data parallel: average gradients over processes (what DDP does)
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            tot += loss.item() * rows.size
+            seen += rows.size
+            if model.similarity.config.learnable_temperature:
+                result.tau_trajectory.append(float(model.similarity.tau.detach()))
+            if cfg.progress and rank == 0 and step % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.close()
+        secs = time.perf_counter() - t0
+        rec = None
+        if valid is not None:
+            rec = evaluate_recall(model, valid, cfg.eval_k, release_time)
+        entry = {
+            "epoch": epoch,
+            "loss": tot / max(seen, 1),
+            "valid_recall": rec,
+            "tau": float(model.similarity.tau.detach()),
+            "examples": seen * world,
+            "seconds": secs,
+            "examples_per_s": seen * world / secs if secs > 0 else float("nan"),
+        }
+        result.history.append(entry)
+        if valid is None:
+            result.best_epoch = epoch
+            continue
+        if rec is not None and rec > best:
+            best, bad_epochs = rec, 0
+            result.best_epoch, result.best_recall = epoch, rec
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if cfg.checkpoint_dir is not None and rank == 0:
+                save_checkpoint(
+                    model,
+                    Path(cfg.checkpoint_dir) / "best.pt",
+                    {"epoch": epoch, "valid_recall": rec},
+                )
+        else:
+            bad_epochs += 1
+            if cfg.patience and bad_epochs >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return result
+
+
+def _targets_of(data: Any, rows: np.ndarray, impression: bool, causal: bool) -> np.ndarray:
+    if impression:
+        return data.items[rows][data.labels[rows] > 0]
+    if causal:
+        t = data.targets[rows]
+        return t[t >= 0]
+    return data.target[rows]
+
+
+def _batch_loss(
+    tower: TwoTowerModel,
+    loss_fn: nn.Module,
+    data: Any,
+    rows: np.ndarray,
+    impression: bool,
+    causal: bool,
+    gen: torch.Generator,
+    freq: Any,
+    user_pos: np.ndarray | None,
+) -> torch.Tensor:
+    obs = _to_torch_obs(take_obs(data.obs, rows))
+    if impression:
+        items = torch.from_numpy(data.items[rows])  # (R, k)
+        labels = torch.from_numpy(data.labels[rows])  # (R, k)
+        u = tower.user_vectors(obs)  # (R, d)
+        k = items.shape[1]
+        iv = tower.item_vectors(items.reshape(-1))  # (R*k, d)
+        uu = u.repeat_interleave(k, dim=0)  # (R*k, d)
+        return loss_fn(uu, iv, labels.reshape(-1))
+    if causal:
+        seq = tower.user_tower.forward_sequence(obs)  # (W, L, d)
+        tgt = torch.from_numpy(data.targets[rows])  # (W, L)
+        sel = tgt >= 0
+        u = seq[sel]  # (M, d)
+        pos = tgt[sel]
+        upos = (
+            torch.from_numpy(user_pos[rows]).repeat_interleave(sel.sum(dim=1), dim=0)
+            if user_pos is not None
+            else None
+        )
+    else:
+        u = tower.user_vectors(obs)  # (B, d)
+        pos = torch.from_numpy(data.target[rows])
+        upos = torch.from_numpy(user_pos[rows]) if user_pos is not None else None
+    pv = tower.item_vectors(pos)
+    return loss_fn(
+        u,
+        pos,
+        pv,
+        encode_items=tower.item_tower,
+        generator=gen,
+        frequency=freq,
+        user_positive_ids=upos,
+    )
