@@ -70,7 +70,7 @@ __all__ = [
 EXPERIMENT_MODULES: list[str] = []
 
 RESERVED_NAMES = frozenset({"all", "list"})
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 C = TypeVar("C", bound="ExperimentConfig")
 
@@ -341,7 +341,7 @@ class Registry:
         """Decorator registering ``run(cfg, ctx) -> None`` as experiment ``name``.
 
         Args:
-            name: lowercase identifier (``[a-z][a-z0-9_]*``), not ``all`` or ``list``.
+            name: lowercase name (``[a-z][a-z0-9_-]*``, e.g. ``perf-env``), not ``all`` or ``list``.
             description: what the experiment measures and why.
             config_cls: a frozen :class:`ExperimentConfig` subclass whose every field has
                 a help text.
