@@ -67,7 +67,9 @@ __all__ = [
 
 # Modules imported (in this order) to register the shipped experiments; `all` runs them in
 # registration order. Append a module's dotted name here when adding an experiment.
-EXPERIMENT_MODULES: list[str] = []
+EXPERIMENT_MODULES: list[str] = [
+    "benchmarks.perf_env",
+]
 
 RESERVED_NAMES = frozenset({"all", "list"})
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")

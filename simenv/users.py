@@ -34,23 +34,23 @@ def slate_utilities(
     pos_bias: np.ndarray,
     cross_group_log_eps: float,
 ) -> np.ndarray:
-    """Click utility of each shown item.
+    """Click utility of each shown item (position-major arrays: row j = slate position j).
 
-    ``u_bj = alpha * <p_b, z_ij> + appeal_ij - fatigue_b[topic_ij] + pos_j``;
+    ``u_jb = alpha * <p_b, z_jb> + appeal_jb - fatigue_b[topic_jb] + pos_j``;
     other-group items get ``-inf`` (or ``log(epsilon)`` added).
 
     Args:
-        static: float32 (B, k) ``alpha * <p_b, z_i> + appeal_i``.
-        fatigue: float32 (B, k) the user's fatigue on each item's topic.
-        same_group: bool (B, k) item in the user's group.
+        static: float32 (k, B) ``alpha * <p_b, z_i> + appeal_i``.
+        fatigue: float32 (k, B) the user's fatigue on each item's topic.
+        same_group: bool (k, B) item in the user's group.
         pos_bias: float32 (k,) examination term per position.
         cross_group_log_eps: ``log(epsilon)`` or ``-inf``.
 
     Returns:
-        float32 (B, k) utilities (a new array).
+        float32 (k, B) utilities (a new array).
     """
     u = static - fatigue
-    u += pos_bias
+    u += pos_bias[:, None]
     if cross_group_log_eps == -np.inf:
         u[~same_group] = -np.inf
     else:
@@ -69,21 +69,21 @@ def choose(
     chosen), or no click when none does.
 
     Args:
-        utilities: float32 (B, k); ``-inf`` = never clicked.
+        utilities: float32 (k, B), position-major; ``-inf`` = never clicked.
         no_click_utility: u_0.
         uniform: float (B,) in [0, 1).
 
     Returns:
-        ``(chosen int64 (B,) with -1 for no click, probabilities float32 (B, k))``.
+        ``(chosen int64 (B,) with -1 for no click, probabilities float32 (k, B))``.
     """
-    k = utilities.shape[1]
-    m = np.maximum(utilities.max(axis=1), np.float32(no_click_utility))  # (B,) stabiliser
-    e = np.exp(utilities - m[:, None])  # (B, k); exp(-inf) = 0
-    total = e.sum(axis=1) + np.exp(no_click_utility - m)  # (B,)
-    cdf = np.cumsum(e, axis=1)  # (B, k)
-    chosen = (cdf <= (uniform * total)[:, None]).sum(axis=1)
+    k = utilities.shape[0]
+    m = np.maximum(utilities.max(axis=0), np.float32(no_click_utility))  # (B,) stabiliser
+    e = np.exp(utilities - m)  # (k, B); exp(-inf) = 0
+    cdf = np.cumsum(e, axis=0)  # (k, B)
+    total = cdf[-1] + np.exp(no_click_utility - m)  # (B,)
+    chosen = (cdf <= uniform * total).sum(axis=0)
     chosen[chosen == k] = -1
-    e /= total[:, None]
+    e /= total
     return chosen.astype(np.int64), e.astype(np.float32, copy=False)
 
 

@@ -1,0 +1,271 @@
+"""perf-env: how fast the simulator steps users, and what a big world costs to build.
+
+Measured side by side in one run (the machine is shared and noisy, so ratios are what count):
+``BatchedRecEnv`` stepping B users at once with numpy vs ``gymnasium.vector.SyncVectorEnv``
+of single-user ``RecEnv`` on the same world; plus the wall time and peak memory of building a
+1,000,000-item, 1,000,000-user world (in a fresh subprocess, so the peak is the build's own).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import gymnasium as gym
+import numpy as np
+from matplotlib.figure import Figure
+
+from benchmarks.registry import ExperimentConfig, experiment, param
+from benchmarks.runner import RunContext
+from simenv import BatchedRecEnv, EnvConfig, RecEnv, World, WorldConfig
+
+
+@dataclass(frozen=True)
+class PerfEnvConfig(ExperimentConfig):
+    """Simulator throughput and world-build cost."""
+
+    n_items: int = param(100_000, "catalog size of the stepped world")
+    batch: int = param(10_000, "users stepped at once by BatchedRecEnv")
+    sync_batch: int = param(64, "RecEnv copies in the SyncVectorEnv baseline")
+    steps: int = param(100, "timed steps per measurement (after warm-up)")
+    sync_steps: int = param(40, "timed steps of the SyncVectorEnv baseline")
+    repeats: int = param(3, "alternating repeats of each measurement (median reported)")
+    scaling_batches: tuple[int, ...] = param(
+        (100, 1_000, 10_000, 30_000), "B values of the scaling curve"
+    )
+    build_items: int = param(1_000_000, "items of the big world built in a subprocess")
+    build_users: int = param(1_000_000, "users of the big world built in a subprocess")
+    target_steps_per_s: float = param(1_000_000.0, "target user-steps/s of BatchedRecEnv")
+    target_ratio: float = param(100.0, "target ratio BatchedRecEnv / SyncVectorEnv")
+    target_build_s: float = param(60.0, "target seconds to build the big world")
+    target_build_gib: float = param(4.0, "target peak GiB to build the big world")
+
+    def __post_init__(self) -> None:
+        for name in (
+            "n_items",
+            "batch",
+            "sync_batch",
+            "steps",
+            "sync_steps",
+            "repeats",
+            "build_items",
+            "build_users",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def quick(cls) -> PerfEnvConfig:
+        return replace(
+            cls(),
+            steps=30,
+            sync_steps=15,
+            repeats=2,
+            scaling_batches=(100, 1_000, 10_000),
+            build_items=200_000,
+            build_users=200_000,
+        )
+
+
+def _slates(world: World, batch: int, k: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` batches of random slates of distinct items released at time 0 (policy cost excluded)."""
+    pool = np.nonzero(world.items.release_time <= 0)[0]
+    out = []
+    for _ in range(n):
+        base = rng.integers(0, pool.size - 4 * k, size=(batch, 1))
+        offs = np.argsort(rng.random((batch, 4 * k)), axis=1)[:, :k]
+        out.append(pool[base + offs])
+    return out
+
+
+def _time_batched(env: BatchedRecEnv, slates: list[np.ndarray], steps: int) -> float:
+    for i in range(3):
+        env.step(slates[i % len(slates)])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        env.step(slates[i % len(slates)])
+    return env.num_envs * steps / (time.perf_counter() - t0)
+
+
+def _time_sync(envs: gym.vector.SyncVectorEnv, slates: list[np.ndarray], steps: int) -> float:
+    for i in range(2):
+        envs.step(slates[i % len(slates)])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        envs.step(slates[i % len(slates)])
+    return envs.num_envs * steps / (time.perf_counter() - t0)
+
+
+_BUILD_SNIPPET = """
+import json, time
+from simenv import World, WorldConfig
+t0 = time.perf_counter()
+w = World(WorldConfig(n_items={items}, n_users={users}), seed=0)
+secs = time.perf_counter() - t0
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({{"seconds": secs, "peak_bytes": peak}}))
+"""
+
+_BASELINE_SNIPPET = """
+import json
+import simenv
+peak = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({"peak_bytes": peak}))
+"""
+
+
+def _subprocess_json(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@experiment(
+    "perf-env",
+    "User-steps/s of BatchedRecEnv vs SyncVectorEnv of RecEnv, scaling in B, and the cost of a 1M x 1M world.",
+    PerfEnvConfig,
+)
+def run(cfg: PerfEnvConfig, ctx: RunContext) -> None:
+    seed = ctx.seeds[0]
+    env_cfg = EnvConfig(world=WorldConfig(n_items=cfg.n_items))
+    with ctx.timer("world") as tw:
+        world = World(env_cfg.world, seed=seed, user_model=env_cfg.user_model)
+    rng = ctx.rng(seed, "slates")
+    k = env_cfg.slate_size
+    batched = BatchedRecEnv(cfg.batch, env_cfg, world=world)
+    batched.reset(seed=seed)
+    sync = gym.vector.SyncVectorEnv(
+        [lambda: RecEnv(env_cfg, world=world) for _ in range(cfg.sync_batch)]
+    )
+    sync.reset(seed=seed)
+    slates_b = _slates(world, cfg.batch, k, 8, rng)
+    slates_s = _slates(world, cfg.sync_batch, k, 8, rng)
+    fast, slow = [], []
+    for _ in ctx.progress(range(cfg.repeats), desc="batched vs sync"):
+        fast.append(_time_batched(batched, slates_b, cfg.steps))
+        slow.append(_time_sync(sync, slates_s, cfg.sync_steps))
+    sync.close()
+    fast_m, slow_m = float(np.median(fast)), float(np.median(slow))
+    ratio = fast_m / slow_m
+    rows = [
+        {
+            "env": f"BatchedRecEnv (B={cfg.batch})",
+            "user_steps_per_s": fast_m,
+            "runs": ", ".join(f"{x:,.0f}" for x in fast),
+        },
+        {
+            "env": f"SyncVectorEnv of RecEnv (B={cfg.sync_batch})",
+            "user_steps_per_s": slow_m,
+            "runs": ", ".join(f"{x:,.0f}" for x in slow),
+        },
+    ]
+    ctx.report.section(
+        "Setup",
+        f"World: {cfg.n_items:,} items, {env_cfg.world.n_users:,} users, slate {k}, full dynamics "
+        f"(MNL with position bias, fatigue, drift, budget, returns), history L={env_cfg.history_length}. "
+        f"Slates are random distinct released items drawn before timing (the policy's cost is excluded; "
+        f"validation of every action is included). Measurements alternate {cfg.repeats} times; medians shown. "
+        f"World build for the stepped world: {tw.seconds:.2f} s.",
+    )
+    ctx.report.table("Throughput (user-steps per second)", rows, fmt={"user_steps_per_s": ",.0f"})
+    ctx.report.add_result("batched_user_steps_per_s", fast)
+    ctx.report.add_result("sync_user_steps_per_s", slow)
+    ctx.report.add_result("ratio", ratio)
+    ctx.report.claim_compare(
+        f"BatchedRecEnv reaches {cfg.target_steps_per_s:,.0f} user-steps/s at B={cfg.batch:,}, {cfg.n_items:,} items",
+        fast_m,
+        ">=",
+        cfg.target_steps_per_s,
+        measured_name="user-steps/s",
+        reference_name="target",
+        spec=",.0f",
+    )
+    ctx.report.claim_compare(
+        f"BatchedRecEnv is at least {cfg.target_ratio:g}x SyncVectorEnv of RecEnv (same world, same run)",
+        ratio,
+        ">=",
+        cfg.target_ratio,
+        measured_name="ratio",
+        reference_name="target",
+        spec=".1f",
+    )
+
+    # scaling in B
+    scale_rows = []
+    for b in ctx.progress(cfg.scaling_batches, desc="scaling in B"):
+        env = BatchedRecEnv(b, env_cfg, world=world)
+        env.reset(seed=seed)
+        sl = _slates(world, b, k, 4, rng)
+        steps = max(5, min(cfg.steps * cfg.batch // b, 2_000))
+        scale_rows.append({"B": b, "user_steps_per_s": _time_batched(env, sl, steps)})
+    ctx.report.table(
+        "Scaling with the number of users stepped at once",
+        scale_rows,
+        fmt={"user_steps_per_s": ",.0f"},
+    )
+    fig = Figure(figsize=(5, 3.4))
+    ax = fig.add_subplot()
+    ax.plot(
+        [r["B"] for r in scale_rows],
+        [r["user_steps_per_s"] for r in scale_rows],
+        "o-",
+        label="BatchedRecEnv",
+    )
+    ax.axhline(slow_m, color="gray", ls="--", label=f"SyncVectorEnv (B={cfg.sync_batch})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("users stepped at once (B)")
+    ax.set_ylabel("user-steps / s")
+    ax.legend()
+    fig.tight_layout()
+    ctx.report.figure("scaling", fig, "User-steps per second against B (log-log).")
+
+    # world build cost in a fresh process
+    base = _subprocess_json(_BASELINE_SNIPPET)
+    build = _subprocess_json(_BUILD_SNIPPET.format(items=cfg.build_items, users=cfg.build_users))
+    gib = build["peak_bytes"] / 2**30
+    ctx.report.table(
+        "Building a big world (fresh process)",
+        [
+            {
+                "items": cfg.build_items,
+                "users": cfg.build_users,
+                "seconds": build["seconds"],
+                "peak_GiB": gib,
+                "interpreter_and_imports_GiB": base["peak_bytes"] / 2**30,
+            }
+        ],
+        fmt={
+            "seconds": ".2f",
+            "peak_GiB": ".2f",
+            "interpreter_and_imports_GiB": ".2f",
+            "items": ",d",
+            "users": ",d",
+        },
+        note="Peak resident memory (VmHWM, which exec resets) of the whole process, interpreter and imports included.",
+    )
+    ctx.report.add_result("build", {**build, "items": cfg.build_items, "users": cfg.build_users})
+    ctx.report.claim_compare(
+        f"A {cfg.build_items:,}-item, {cfg.build_users:,}-user world builds in under {cfg.target_build_s:g} s",
+        build["seconds"],
+        "<",
+        cfg.target_build_s,
+        measured_name="seconds",
+        reference_name="target",
+        spec=".2f",
+    )
+    ctx.report.claim_compare(
+        f"... and in under {cfg.target_build_gib:g} GiB",
+        gib,
+        "<",
+        cfg.target_build_gib,
+        measured_name="peak GiB",
+        reference_name="target",
+        spec=".2f",
+    )
+    ctx.report.headline(
+        f"BatchedRecEnv {fast_m:,.0f} user-steps/s at B={cfg.batch:,}, {ratio:.0f}x SyncVectorEnv; "
+        f"{cfg.build_items:,}x{cfg.build_users:,} world in {build['seconds']:.1f} s, {gib:.2f} GiB"
+    )
