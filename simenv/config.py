@@ -47,7 +47,10 @@ def check_range(
         raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}")
     if integer and not (isinstance(value, int) or hasattr(value, "__index__")):
         raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except (OverflowError, TypeError, ValueError):  # e.g. an int too large for a float
+        raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}") from None
     if not math.isfinite(v):
         raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}")
     if low is not None and (v < low or (not low_inclusive and v == low)):
