@@ -331,13 +331,14 @@ class Simulator:
                 self.sess_satisfaction[rr] = 0.0
         self._renormalise_fatigue()
         truncated = (self.steps >= self.config.max_steps) & ~terminated
-        # ground truth for info: P(click) of each shown item alone at the top, current preference
+        # ground truth for info: P(click) of each shown item alone at the top, current preference,
+        # sigmoid(utility - u_0) with the other-group term inside the utility (as World.affinity)
+        if self.cross_log_eps != -np.inf:
+            static[~same] += np.float32(self.cross_log_eps)
         with np.errstate(over="ignore"):
             affinity = 1.0 / (1.0 + np.exp(um.no_click_utility - static))
         if self.cross_log_eps == -np.inf:
             affinity *= same
-        else:
-            affinity[~same] *= np.exp(self.cross_log_eps)
         affinity = affinity.T  # (B, k)
         click_prob = click_prob_t.T
         return StepResult(
