@@ -115,3 +115,91 @@ class FakeRng:
     def standard_exponential(self, n: int) -> np.ndarray:
         assert self.exponential.shape == (n,)
         return self.exponential.copy()
+
+
+# ---------------------------------------------------------------- config ranges
+# The allowed range of every config field, on the default config of its class (cross-field
+# bounds are resolved against those defaults): (low, high, integer, low_inclusive, high_inclusive).
+# Written from the documented meaning of each field, independently of config.py's checks.
+INF = float("inf")
+CONFIG_RANGES: dict[str, dict[str, tuple]] = {
+    "WorldConfig": {
+        "n_items": (1, 50_000_000, True, True, True),
+        "n_users": (1, 50_000_000, True, True, True),
+        "n_groups": (1, 1_000, True, True, True),
+        "n_topics": (3, 100_000, True, True, True),  # >= topics_per_user = 3
+        "latent_dim": (1, 1_024, True, True, True),
+        "n_creators": (4, 50_000_000, True, True, True),  # >= n_groups = 4
+        "topics_per_creator": (1, 64, True, True, True),  # <= n_topics = 64
+        "topics_per_user": (1, 64, True, True, True),
+        "topic_spread": (0, 10, False, True, True),
+        "user_spread": (0, 10, False, True, True),
+        "popularity_exponent": (0, 5, False, True, True),
+        "new_item_fraction": (0, 1, False, True, False),
+        "release_horizon": (0, 1e6, False, False, True),
+        "catalog_age": (0, 1e6, False, True, True),
+        "title_length": (1, 256, True, True, True),
+        "words_per_topic": (1, 10_000, True, True, True),
+        "words_per_group": (1, 100_000, True, True, True),
+        "noise_words": (1, 1_000_000, True, True, True),
+        "title_topic_share": (0, 0.8, False, True, True),  # + title_group_share 0.2 <= 1
+        "title_group_share": (0, 0.5, False, True, True),  # + title_topic_share 0.5 <= 1
+        "title_sharpness": (0, 100, False, True, True),
+        "mean_item_minutes": (0, 1e4, False, False, True),
+        "cross_group_epsilon": (0, 1, False, True, True),
+    },
+    "UserModelConfig": {
+        "affinity_scale": (0, 1e3, False, True, True),
+        "quality_weight": (-1e3, 1e3, False, True, True),
+        "popularity_weight": (-1e3, 1e3, False, True, True),
+        "no_click_utility": (-1e3, 1e3, False, True, True),
+        "position_decay": (0, 1e3, False, True, True),
+        "fatigue_increment": (0, 1e3, False, True, True),
+        "fatigue_half_life": (0, 1e6, False, False, True),
+        "drift_rate": (0, 1, False, True, True),
+        "watch_sharpness": (0, 1e3, False, True, True),
+        "watch_offset": (-1e3, 1e3, False, True, True),
+        "watch_noise": (0, 1e3, False, True, True),
+        "like_threshold": (0.25, 1, False, True, True),  # >= dislike_threshold = 0.25
+        "like_probability": (0, 1, False, True, True),
+        "dislike_threshold": (0, 0.7, False, True, True),  # <= like_threshold = 0.7
+        "step_cost": (0, 1e3, False, False, True),
+        "refill": (0, 1e3, False, True, True),
+        "mean_patience": (0, 1e6, False, False, True),
+        "return_slope": (0, 1e3, False, True, True),
+        "return_reference": (-1e3, 1e3, False, True, True),
+        "mean_session_gap": (0, 1e6, False, False, True),
+        "step_minutes": (0, 1e4, False, True, True),
+    },
+    "RewardConfig": {
+        "click": (-1e6, 1e6, False, True, True),
+        "like": (-1e6, 1e6, False, True, True),
+        "dislike": (-1e6, 1e6, False, True, True),
+        "watch": (-1e6, 1e6, False, True, True),
+    },
+    "EnvConfig": {
+        "slate_size": (1, 1_000, True, True, True),
+        "history_length": (1, 4_096, True, True, True),
+        "max_steps": (1, 10_000_000, True, True, True),
+        "start_time_max": (0, 1e6, False, True, True),
+    },
+}
+
+
+def in_range(cls_name: str, field: str, value: Any) -> bool:
+    """Whether ``value`` is allowed for ``field`` of the default ``cls_name`` (see CONFIG_RANGES)."""
+    low, high, integer, low_inc, high_inc = CONFIG_RANGES[cls_name][field]
+    if isinstance(value, bool):
+        return False
+    if integer:
+        if not isinstance(value, (int, np.integer)):
+            return False
+    elif not isinstance(value, (int, float, np.integer)):  # python / numpy float64 are floats
+        return False
+    try:
+        v = float(value)
+    except OverflowError:
+        return False
+    if not np.isfinite(v):
+        return False
+    return (v > low or (low_inc and v == low)) and (v < high or (high_inc and v == high))
