@@ -156,7 +156,12 @@ class Simulator:
 
         Only ``rows`` (default: all) are checked; other rows are ignored by the step.
         """
-        a = np.asarray(action)
+        try:
+            a = np.asarray(action)
+        except (ValueError, TypeError) as e:  # e.g. ragged nested lists
+            raise ValueError(
+                f"{name} must be an integer array of shape ({self.B}, {self.k}), got {action!r} ({e})"
+            ) from None
         if a.shape != (self.B, self.k):
             raise ValueError(f"{name} must have shape ({self.B}, {self.k}), got {a.shape}")
         if not np.issubdtype(a.dtype, np.integer):

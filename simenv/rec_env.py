@@ -187,7 +187,13 @@ class RecEnv(gym.Env):
             raise RuntimeError(
                 "Call reset before using step method (the episode has ended or not started)."
             )
-        a = np.asarray(action)
+        try:
+            a = np.asarray(action)
+        except (ValueError, TypeError) as e:  # e.g. ragged nested lists
+            raise ValueError(
+                f"action must be an integer array of shape ({self.config.slate_size},), got "
+                f"{action!r} ({e})"
+            ) from None
         if a.shape != (self.config.slate_size,):
             raise ValueError(f"action must have shape ({self.config.slate_size},), got {a.shape}")
         slate = self.sim.validate(a[None, :])
