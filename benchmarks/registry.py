@@ -69,6 +69,7 @@ __all__ = [
 # registration order. Append a module's dotted name here when adding an experiment.
 EXPERIMENT_MODULES: list[str] = [
     "benchmarks.perf_env",
+    "benchmarks.losses",
 ]
 
 RESERVED_NAMES = frozenset({"all", "list"})

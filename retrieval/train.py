@@ -60,6 +60,9 @@ class TrainConfig:
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         grad_clip: max gradient norm (None: no clipping).
+        temperature_lr_scale: learning-rate multiplier of the learnable temperature's scalar
+            ``s`` (one global scalar moves about ``lr`` per Adam step; a larger rate lets the
+            temperature settle within a few epochs).
         history_length: L, events in each training observation.
         causal: train sequence towers (transformer, GRU) on all positions at once
             (``forward_sequence`` over windows) instead of one example per positive.
@@ -81,6 +84,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float | None = 5.0
+    temperature_lr_scale: float = 10.0
     history_length: int = 32
     causal: bool = False
     patience: int = 2
@@ -322,7 +326,17 @@ def _fit(
         for t in model.state_dict().values():
             torch.distributed.broadcast(t, src=0)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    temp = {id(p) for p in model.similarity.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in temp]}]
+    if temp:
+        groups.append(
+            {
+                "params": [p for p in params if id(p) in temp],
+                "lr": cfg.lr * cfg.temperature_lr_scale,
+                "weight_decay": 0.0,
+            }
+        )
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7]))
     result = TrainResult(frequency=freq)

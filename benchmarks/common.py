@@ -1,0 +1,328 @@
+"""The evaluation protocol shared by every offline experiment (one protocol, numbers compare).
+
+world -> behaviour-policy log -> time split (train / validation / test by the 80% and 90%
+quantiles of impression time, never at random) -> observations rebuilt from the log ->
+train -> full-catalog metrics for held-out users (items released after the training
+cut-off count as cold).
+
+Two profiles: ``quick`` (a small world, minutes on 2 cores; ``make demo`` and smoke tests)
+and ``full`` (the default 20,000-item, 10,000-user world).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrieval.baselines import CandidateGenerator, Interactions
+from retrieval.data import EvalSet, eval_set
+from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
+from retrieval.metrics import (
+    coverage,
+    cross_group_auc,
+    item_segments,
+    leakage_at_k,
+    mean_over_users,
+    ndcg_at_k,
+    normalised_leakage,
+    popularity_bias,
+    recall_at_k,
+    recall_by_segment,
+)
+from retrieval.model import TwoTowerConfig, TwoTowerGenerator, TwoTowerModel
+from retrieval.similarity import SimilarityConfig
+from retrieval.towers import ItemTowerConfig, UserTowerConfig
+from retrieval.train import TrainConfig, TrainResult, fit_two_tower
+from simenv import BatchedRecEnv, EnvConfig, World, WorldConfig, collect
+from simenv.history import EventSequences
+from simenv.log import ImpressionLog
+from simenv.policies import InGroupPolicy, LoggingPolicy, PopularityPolicy, UniformPolicy
+from simenv.types import Columns
+
+__all__ = [
+    "env_config",
+    "get_world",
+    "make_policy",
+    "get_log",
+    "OfflineData",
+    "prepare_offline",
+    "offline_data",
+    "train_two_tower",
+    "evaluate_generator",
+    "world_label",
+    "default_two_tower",
+    "mixed_negatives",
+    "MAIN_METRICS",
+]
+
+#: Metric columns every offline table shows (K = 100 unless named).
+MAIN_METRICS = (
+    "recall@10",
+    "recall@100",
+    "ndcg@10",
+    "leakage@100",
+    "norm_leakage@100",
+    "cross_group_auc",
+)
+
+
+def env_config(quick: bool) -> EnvConfig:
+    """The world and env of a profile: quick = 5,000 items / 3,000 users; full = the default world."""
+    if quick:
+        return EnvConfig(
+            world=WorldConfig(
+                n_items=5_000, n_users=3_000, n_groups=4, n_topics=32, latent_dim=16, n_creators=500
+            )
+        )
+    return EnvConfig()
+
+
+def world_label(cfg: EnvConfig, seed: int) -> str:
+    """Short name of a world for report rows."""
+    w = cfg.world
+    return f"{w.n_items // 1000}k items/{w.n_users // 1000}k users/{w.n_groups}g/d{w.latent_dim}/seed{seed}"
+
+
+@functools.lru_cache(maxsize=4)
+def get_world(quick: bool, seed: int) -> World:
+    """The profile's world for a seed (cached within the process)."""
+    cfg = env_config(quick)
+    return World(cfg.world, seed=seed, user_model=cfg.user_model)
+
+
+def make_policy(
+    name: str, world: World, slate_size: int, epsilon: float, seed: int
+) -> LoggingPolicy:
+    """A built-in logging policy by name: ``uniform``, ``popularity`` or ``in-group``."""
+    if name == "uniform":
+        return UniformPolicy(world, slate_size, epsilon, seed)
+    if name == "popularity":
+        return PopularityPolicy(world, slate_size, epsilon, seed)
+    if name == "in-group":
+        return InGroupPolicy(world, slate_size, epsilon, seed)
+    raise ValueError(f"policy must be 'uniform', 'popularity' or 'in-group', got {name!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def get_log(
+    quick: bool,
+    seed: int,
+    policy: str,
+    epsilon: float,
+    episodes_per_user: float,
+    progress: bool = False,
+) -> ImpressionLog:
+    """The behaviour log of a profile (cached within the process, so experiments share it).
+
+    ``episodes_per_user * n_users`` user episodes are collected (users run in a seeded
+    order, each once per pass).
+    """
+    cfg = env_config(quick)
+    world = get_world(quick, seed)
+    env = BatchedRecEnv(min(4_096, world.n_users), cfg, world=world)
+    pol = make_policy(policy, world, cfg.slate_size, epsilon, seed)
+    n = max(1, int(round(episodes_per_user * world.n_users)))
+    log = collect(env, pol, n_users=n, seed=seed, progress=progress)
+    log.meta["epsilon"] = epsilon
+    return log
+
+
+@dataclass(eq=False)
+class OfflineData:
+    """One log split by time, with everything the offline experiments need.
+
+    Attributes:
+        world: the world (hidden truth: used only for evaluation, e.g. user groups).
+        env: env config of the profile.
+        log: the whole behaviour log.
+        train, valid, test: the time split (train < t1 <= valid < t2 <= test).
+        t1, t2: cut times (days); items released after ``t1`` are cold.
+        seq_train: engagement events of the training period (training histories).
+        seq_trval: events of train + validation (validation histories).
+        seq_all: every event (test histories).
+        valid_set, test_set: held-out queries (observation at the first held-out positive
+            request, held-out positives).
+        train_counts: (N,) positives per item in the training period.
+        segments: (N,) item segment codes (head / torso / tail / cold).
+        history_length: L.
+        label: row label of the behaviour policy.
+    """
+
+    world: World
+    env: EnvConfig
+    log: ImpressionLog
+    train: ImpressionLog
+    valid: ImpressionLog
+    test: ImpressionLog
+    t1: float
+    t2: float
+    seq_train: EventSequences
+    seq_trval: EventSequences
+    seq_all: EventSequences
+    valid_set: EvalSet
+    test_set: EvalSet
+    train_counts: np.ndarray
+    segments: np.ndarray
+    history_length: int
+    label: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def interactions(self) -> Interactions:
+        """Training positives as :class:`Interactions` (for the classic baselines)."""
+        pos = self.train.positives()
+        return Interactions(
+            user=pos[Columns.USER],
+            item=pos[Columns.ITEM],
+            time=pos[Columns.TIME],
+            session=pos[Columns.SESSION].astype(np.int64)
+            + pos[Columns.USER].astype(np.int64) * 10_000,
+            n_users=self.world.n_users,
+            n_items=self.world.n_items,
+        )
+
+
+def prepare_offline(
+    world: World,
+    env: EnvConfig,
+    log: ImpressionLog,
+    history_length: int = 32,
+    max_eval_users: int | None = 2_000,
+    seed: int = 0,
+    label: str = "",
+) -> OfflineData:
+    """Split ``log`` by time and build sequences, evaluation sets, counts and segments."""
+    t1, t2 = log.time_quantiles(0.8, 0.9)
+    train, valid, test = log.split_by_time(t1, t2)
+    n = world.n_items
+    seq_train = EventSequences.from_log(train, n)
+    seq_trval = EventSequences.from_log(ImpressionLog.concat([train, valid]), n)
+    seq_all = EventSequences.from_log(log, n)
+    vs = eval_set(valid, seq_trval, history_length, max_users=max_eval_users, seed=seed)
+    ts = eval_set(test, seq_all, history_length, max_users=max_eval_users, seed=seed + 1)
+    pos = train.positives()
+    counts = np.bincount(pos[Columns.ITEM], minlength=n).astype(np.float64)
+    segments = item_segments(counts, world.items.release_time, t1)
+    return OfflineData(
+        world, env, log, train, valid, test, t1, t2, seq_train, seq_trval, seq_all, vs, ts,
+        counts, segments, history_length, label or str(log.meta.get("policy", "?")),
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def offline_data(
+    quick: bool,
+    seed: int,
+    policy: str = "popularity",
+    epsilon: float = 0.05,
+    episodes_per_user: float = 3.0,
+) -> OfflineData:
+    """The standard offline data of a profile (cached within the process)."""
+    world = get_world(quick, seed)
+    log = get_log(quick, seed, policy, epsilon, episodes_per_user)
+    label = f"{policy}(eps={epsilon:g}, {episodes_per_user:g} ep/user)"
+    return prepare_offline(
+        world, env_config(quick), log, 32, 2_000 if not quick else 1_000, seed, label
+    )
+
+
+def mixed_negatives(uniform: int = 1024, logq: str = "negatives_only") -> RetrievalLossConfig:
+    """Sampled softmax with mixed negatives (in-batch + uniform) and logQ (the default recipe)."""
+    return RetrievalLossConfig(
+        kind="sampled_softmax",
+        negatives=NegativeSamplerConfig(in_batch=True, uniform=uniform, logq=logq),
+    )
+
+
+def default_two_tower(
+    dim: int = 64, item_kind: str = "id", user_kind: str = "mean", **sim: Any
+) -> TwoTowerConfig:
+    """The default recipe's model: ID item tower, mean-pooling user tower, cosine with learnable temperature."""
+    simc = SimilarityConfig(
+        **(sim or {"kind": "cosine", "temperature": None, "learnable_temperature": True})
+    )
+    return TwoTowerConfig(
+        item=ItemTowerConfig(kind=item_kind, dim=dim),
+        user=UserTowerConfig(kind=user_kind),
+        similarity=simc,
+    )
+
+
+def train_two_tower(
+    data: OfflineData,
+    model_cfg: TwoTowerConfig,
+    loss_cfg: RetrievalLossConfig,
+    train_cfg: TrainConfig,
+) -> tuple[TwoTowerModel, TrainResult, float]:
+    """Build and train a two-tower model on ``data.train`` with early stopping on ``data.valid_set``."""
+    model = TwoTowerModel.build(model_cfg, data.world.catalog)
+    t0 = time.perf_counter()
+    res = fit_two_tower(
+        model, loss_cfg, data.train, data.seq_train, train_cfg, valid=data.valid_set,
+        release_time=data.world.catalog.release_time,
+    )  # fmt: skip
+    return model, res, time.perf_counter() - t0
+
+
+def evaluate_generator(
+    gen: CandidateGenerator,
+    data: OfflineData,
+    ks: tuple[int, ...] = (10, 100),
+    auc_users: int = 500,
+    on: str = "test",
+) -> dict[str, float]:
+    """Full-catalog offline metrics of a generator on the held-out users.
+
+    recall@K and NDCG@K against the held-out positives (seen items are not excluded: users
+    re-consume), leakage@K (share of other-group items) and its normalised form (random
+    retrieval over the released catalog = 1), cross-group AUC on up to ``auc_users`` users,
+    coverage, popularity bias (mean log(1 + train count)), recall@Kmax by item segment.
+    """
+    ev = data.test_set if on == "test" else data.valid_set
+    kmax = max(ks)
+    ids, _ = gen.retrieve(ev.obs, kmax, exclude_seen=False)
+    ug = data.world.users.group[ev.user]
+    ig = data.world.items.group
+    released = data.world.items.release_time[None, :] <= ev.time[:, None]
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = mean_over_users(recall_at_k(ids, ev.positives, k))
+        out[f"ndcg@{k}"] = mean_over_users(ndcg_at_k(ids, ev.positives, k))
+    out[f"leakage@{kmax}"] = mean_over_users(leakage_at_k(ids, ig, ug, kmax))
+    out[f"norm_leakage@{kmax}"] = mean_over_users(
+        normalised_leakage(ids, ig, ug, kmax, eligible=released)
+    )
+    sub = np.arange(min(auc_users, len(ev)))
+    scores = gen.score_all({k: v[sub] for k, v in ev.obs.items()})
+    finite = np.isfinite(scores)
+    out["cross_group_auc"] = mean_over_users(
+        cross_group_auc(
+            np.where(finite, scores, np.float32(-1e30)),
+            ig,
+            ug[sub],
+            ev.positives[sub],
+            eligible=released[sub],
+        )
+    )
+    out[f"coverage@{kmax}"] = coverage(ids, data.world.n_items, kmax)
+    out[f"pop_bias@{kmax}"] = mean_over_users(popularity_bias(ids, data.train_counts, kmax))
+    for name, r in recall_by_segment(ids, ev.positives, data.segments, kmax).items():
+        out[f"recall@{kmax}_{name}"] = r
+    return out
+
+
+def two_tower_generator(
+    model: TwoTowerModel, data: OfflineData, name: str = "two-tower"
+) -> TwoTowerGenerator:
+    """Serving wrapper over ``model`` with the training counts as popularity."""
+    return TwoTowerGenerator(model, data.world.catalog, data.train_counts, name=name)
+
+
+def set_threads(n: int | None) -> None:
+    """Torch threads for a run (one is steadier on a shared 2-core machine)."""
+    if n is not None:
+        torch.set_num_threads(n)
