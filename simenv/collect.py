@@ -33,8 +33,9 @@ def collect(
 
     Args:
         env: a :class:`BatchedRecEnv` (its ``num_envs`` users run in parallel).
-        policy: ``act(obs) -> slates`` or ``-> (slates, propensities)``; ``last_candidates``
-            (B, K) after ``act`` is recorded as the candidate set when present.
+        policy: ``act(obs) -> slates`` or ``-> (slates, propensities)`` (or propensities in
+            ``last_propensities``); ``last_candidates`` (B, K) after ``act`` is recorded as the
+            candidate set when present.
         n_users: number of user episodes to record.
         seed: the env's reset seed.
         users: user ids to run, in order (default: a seeded permutation of the population,
@@ -98,7 +99,7 @@ def collect(
         if max_steps is not None and steps >= max_steps:
             break
         out = policy.act(obs)
-        slates, prop = out if isinstance(out, tuple) else (out, None)
+        slates, prop = out if isinstance(out, tuple) else (out, getattr(policy, "last_propensities", None))
         slates = np.asarray(slates, dtype=np.int64)
         ctx = obs[Obs.CONTEXT]
         user_now = obs[Obs.USER]
