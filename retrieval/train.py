@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,8 @@ class TrainResult:
         return ex / s if s > 0 else float("nan")
 
 
-def _to_torch_obs(obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def to_torch_obs(obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Observation arrays as tensors (float for dt and context, int64 for the rest)."""
     out = {}
     for k, v in obs.items():
         t = torch.from_numpy(np.ascontiguousarray(v))
@@ -187,7 +189,7 @@ def evaluate_recall(
     total = 0.0
     for s in range(0, len(ev), batch):
         rows = np.arange(s, min(len(ev), s + batch))
-        obs = _to_torch_obs(take_obs(ev.obs, rows))
+        obs = to_torch_obs(take_obs(ev.obs, rows))
         u = sim.prepare(model.user_vectors(obs))
         sc = u @ items.T  # (b, N)
         now = torch.from_numpy(ev.time[rows])
@@ -250,8 +252,14 @@ def fit_two_tower(
     config: TrainConfig | None = None,
     valid: EvalSet | None = None,
     release_time: np.ndarray | None = None,
+    extra: Callable[[TwoTowerModel, np.random.Generator, torch.Generator], torch.Tensor] | None = None,
+    extra_weight: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` on ``train_log`` with the loss ``loss_config`` names.
+
+    With ``extra`` (e.g. distillation toward a ranker), every step minimises
+    ``(1 - extra_weight) * L_true + extra_weight * L_extra`` where ``L_extra = extra(model,
+    rng, generator)`` draws its own batch; with ``extra_weight = 1`` the true loss is skipped.
 
     Args:
         model: the two towers and similarity (trained in place; the best validation weights
@@ -262,6 +270,8 @@ def fit_two_tower(
         config: training config.
         valid: held-out queries for early stopping (recall@``eval_k``).
         release_time: (N,) item release times (required with ``valid``).
+        extra: an additional objective evaluated every step (see above).
+        extra_weight: its weight lambda in ``[0, 1]``.
 
     Returns:
         A :class:`TrainResult`.
@@ -269,12 +279,16 @@ def fit_two_tower(
     cfg = TrainConfig() if config is None else config
     if valid is not None and release_time is None:
         raise ValueError("release_time is required when valid is given")
+    if not 0.0 <= extra_weight <= 1.0:
+        raise ValueError(f"extra_weight must be in [0, 1], got {extra_weight}")
+    if extra_weight > 0 and extra is None:
+        raise ValueError("extra_weight > 0 needs an extra objective")
     n_items = model.n_items
     old_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
-        return _fit(model, loss_config, train_log, sequences, cfg, valid, release_time, n_items)
+        return _fit(model, loss_config, train_log, sequences, cfg, valid, release_time, n_items, extra, extra_weight)
     finally:
         if cfg.threads is not None:
             torch.set_num_threads(old_threads)
@@ -289,6 +303,8 @@ def _fit(
     valid: EvalSet | None,
     release_time: np.ndarray | None,
     n_items: int,
+    extra: Callable[[TwoTowerModel, np.random.Generator, torch.Generator], torch.Tensor] | None = None,
+    extra_weight: float = 0.0,
 ) -> TrainResult:
     rank, world = (
         (torch.distributed.get_rank(), torch.distributed.get_world_size())
@@ -363,7 +379,12 @@ def _fit(
                 continue
             if cfg.frequency == "sketch":
                 freq.update(_targets_of(data, rows, impression, causal))
-            loss = _batch_loss(model, loss_fn, data, rows, impression, causal, gen, freq, user_pos)
+            if extra_weight < 1.0:
+                loss = _batch_loss(model, loss_fn, data, rows, impression, causal, gen, freq, user_pos)
+                if extra is not None and extra_weight > 0:
+                    loss = (1.0 - extra_weight) * loss + extra_weight * extra(model, rng, gen)
+            else:
+                loss = extra(model, rng, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:  # data parallel: average gradients over processes (what DDP does)
@@ -439,7 +460,7 @@ def _batch_loss(
     freq: Any,
     user_pos: np.ndarray | None,
 ) -> torch.Tensor:
-    obs = _to_torch_obs(take_obs(data.obs, rows))
+    obs = to_torch_obs(take_obs(data.obs, rows))
     if impression:
         items = torch.from_numpy(data.items[rows])  # (R, k)
         labels = torch.from_numpy(data.labels[rows])  # (R, k)
