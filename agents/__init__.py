@@ -1,0 +1,31 @@
+"""Agents acting in the simulator: simple policies, single-stage and multi-stage pipelines,
+distillation of the generator toward the ranker, the two-agent view and online rollouts.
+"""
+
+from agents.base import Agent, OracleAgent, PopularAgent, RandomAgent
+from agents.multiagent import GeneratorEnv, RankerEnv, TwoAgentRecEnv
+from agents.pipeline import (
+    MultiStagePipeline,
+    SingleStageAgent,
+    Source,
+    explore_slates,
+    union_candidates,
+)
+from agents.rollout import RolloutResult, rollout
+
+__all__ = [
+    "Agent",
+    "GeneratorEnv",
+    "MultiStagePipeline",
+    "OracleAgent",
+    "PopularAgent",
+    "RandomAgent",
+    "RankerEnv",
+    "RolloutResult",
+    "SingleStageAgent",
+    "Source",
+    "TwoAgentRecEnv",
+    "explore_slates",
+    "rollout",
+    "union_candidates",
+]
