@@ -104,6 +104,10 @@ def explore_slates(
         candidates: int64 (B, K), -1 padding (scores -inf there).
         scores: float (B, K).
         k: slate size (each row needs at least k real candidates).
+        mode: ``"greedy"``, ``"epsilon"`` or ``"boltzmann"``.
+        rng: generator of the exploration draws.
+        epsilon: epsilon-greedy rate.
+        temperature: Boltzmann temperature.
 
     Returns:
         ``(slates int64 (B, k), propensities float32 (B, k))``.
