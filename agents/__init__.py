@@ -1,5 +1,7 @@
-"""Agents acting in the simulator: simple policies, single-stage and multi-stage pipelines,
-distillation of the generator toward the ranker, the two-agent view and online rollouts.
+"""Agents acting in the simulator.
+
+Simple policies, single-stage and multi-stage pipelines, distillation of the generator toward
+the ranker, the two-agent view and online rollouts.
 """
 
 from agents.base import Agent, OracleAgent, PopularAgent, RandomAgent
