@@ -102,6 +102,11 @@ class IndexConfig:
             ``min(B, 2**26 / exact_chunk) x exact_chunk`` floats (256 MiB at most).
         exact_block: block size of the block-max top-k selection in the exact search
             (see the module docstring); ``0`` runs plain ``torch.topk`` over each chunk.
+        hnsw_side_share: HNSW only: share of the longest item vectors kept out of the graph
+            and scored exactly on every query (see :meth:`ItemIndex.rebuild`). Typical 0.01.
+        hnsw_norm_ratio: HNSW only: every item longer than this many times the median norm
+            is also kept out of the graph and scored exactly. Typical 3 (lognormal norms
+            with sigma 0.3 put 0.01% of the items there; sigma 1 puts 14%).
         seed: seed of faiss' k-means initialisation (IVF). HNSW levels come from faiss'
             fixed internal seed; an HNSW build is deterministic only with ``threads=1``.
         exact_fallback: whether rows that the approximate index leaves short under
@@ -119,6 +124,8 @@ class IndexConfig:
     threads: int = 0
     exact_chunk: int = 65536
     exact_block: int = 64
+    hnsw_side_share: float = 0.01
+    hnsw_norm_ratio: float = 3.0
     seed: int = 0
     exact_fallback: bool = True
 
@@ -146,6 +153,10 @@ class IndexConfig:
         for name, value in non_negative.items():
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not 0.0 <= self.hnsw_side_share <= 0.5:
+            raise ValueError(f"hnsw_side_share must be in [0, 0.5], got {self.hnsw_side_share!r}")
+        if not self.hnsw_norm_ratio >= 1.0:
+            raise ValueError(f"hnsw_norm_ratio must be >= 1, got {self.hnsw_norm_ratio!r}")
 
 
 @dataclass(frozen=True)
@@ -500,16 +511,33 @@ class ItemIndex:
         cfg = self.config
         with _num_threads(cfg.threads):
             if cfg.kind == "hnsw":
-                # MIPS -> nearest neighbour (Bachrach et al. 2014): with R >= every item norm,
-                # ||[q, 0] - [x, sqrt(R^2 - |x|^2)]||^2 = |q|^2 + R^2 - 2 q.x, so the L2
+                # MIPS -> nearest neighbour (Bachrach et al. 2014): with R >= every graph item
+                # norm, ||[q, 0] - [x, sqrt(R^2 - |x|^2)]||^2 = |q|^2 + R^2 - 2 q.x, so the L2
                 # ranking of the augmented vectors is the inner-product ranking. An HNSW graph
                 # over raw inner products (not a metric) reached recall@100 0.86 where this one
-                # reached 0.98 at the same efSearch on clustered vectors with varied norms.
-                self._radius = float(np.linalg.norm(x, axis=1).max())
+                # reached 0.98 at efSearch 512 on clustered vectors with varied norms.
+                # The longest vectors stay out of the graph: after augmentation a vector much
+                # longer than the bulk sits far from every other node, loses its in-links to
+                # pruning and becomes unreachable (measured: 3 vectors 50x longer than the
+                # rest, top-1 for most queries, were never returned). The longest
+                # hnsw_side_share of the items and all longer than hnsw_norm_ratio x the
+                # median norm are scored exactly instead; R is the longest norm left.
+                n = x.shape[0]
+                norms = np.linalg.norm(x, axis=1)
+                order = np.argsort(norms, kind="stable")
+                n_side = max(
+                    int(cfg.hnsw_side_share * n),
+                    int((norms > cfg.hnsw_norm_ratio * np.median(norms)).sum()),
+                )
+                n_side = min(n_side, n - 1)  # at least one node in the graph
+                self._graph_ids = np.sort(order[: n - n_side])  # global id of each node
+                self._side_ids = np.sort(order[n - n_side :])
+                self._side_budget = 2 * max(n_side, 32)  # add(): rebuild beyond this
+                self._radius = float(norms[self._graph_ids].max())
                 index = faiss.IndexHNSWFlat(self.dim + 1, cfg.hnsw_m, faiss.METRIC_L2)
                 index.hnsw.efConstruction = cfg.ef_construction
                 index.hnsw.efSearch = cfg.ef_search
-                index.add(self._augment(x))
+                index.add(self._augment(x[self._graph_ids]))
                 self._faiss = index
             elif cfg.kind == "ivf":
                 n = x.shape[0]
@@ -537,9 +565,9 @@ class ItemIndex:
         """Append newly released items; returns their ids ``N, ..., N + n - 1`` (int64).
 
         IVF adds them to the existing cells (no retraining: call :meth:`rebuild` once the
-        catalog has changed a lot). HNSW links them into the graph; when a new vector is
-        longer than every indexed one, the MIPS-to-L2 radius must grow and the graph is
-        rebuilt over all items.
+        catalog has changed a lot). HNSW links them into the graph, except vectors longer
+        than the graph's radius R, which join the exactly scored side set; once that set
+        has doubled since the build (and holds over 64 items) the graph is rebuilt.
         """
         x = self._prepare("new_vectors", new_vectors)
         start = self.n_items
@@ -547,12 +575,19 @@ class ItemIndex:
             return np.arange(start, start, dtype=np.int64)
         self._vectors = np.ascontiguousarray(np.concatenate([self._vectors, x], axis=0))
         self._vectors_t = torch.from_numpy(self._vectors)
-        if self.config.kind == "hnsw" and np.linalg.norm(x, axis=1).max() > self._radius:
-            self.rebuild(self._vectors)
-        elif self._faiss is not None:
+        new_ids = np.arange(start, self.n_items, dtype=np.int64)
+        if self.config.kind == "hnsw":
+            long = np.linalg.norm(x, axis=1) > self._radius
+            self._side_ids = np.concatenate([self._side_ids, new_ids[long]])
+            if len(self._side_ids) > self._side_budget:
+                self.rebuild(self._vectors)
+                return new_ids
+            x, self._graph_ids = x[~long], np.concatenate([self._graph_ids, new_ids[~long]])
+            x = self._augment(x)
+        if self._faiss is not None and len(x):
             with _num_threads(self.config.threads):
-                self._faiss.add(self._augment(x) if self.config.kind == "hnsw" else x)
-        return np.arange(start, self.n_items, dtype=np.int64)
+                self._faiss.add(x)
+        return new_ids
 
     def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
         """Change the search-time knob of an approximate index (efSearch or nprobe)."""
@@ -647,7 +682,7 @@ class ItemIndex:
         return _pad_results(out_i.numpy(), out_v.numpy(), k)
 
     def _faiss_search(
-        self, q: np.ndarray, f: int, nprobe: int, selector
+        self, q: np.ndarray, f: int, nprobe: int, selector=None, side_mask=None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """One faiss call: ids (b, f), -1 for none, best first; IVF also gives scores (b, f).
 
@@ -664,8 +699,25 @@ class ItemIndex:
         if selector is not None:
             params = faiss.SearchParametersHNSW(sel=selector, efSearch=self._faiss.hnsw.efSearch)
         qa = np.hstack([q, np.zeros((q.shape[0], 1), dtype=np.float32)])  # (b, d + 1)
-        _, ids = self._faiss.search(qa, f, params=params)
-        return ids, None
+        dist, local = self._faiss.search(qa, min(f, len(self._graph_ids)), params=params)
+        ids = np.where(local >= 0, self._graph_ids[np.maximum(local, 0)], -1)  # (b, f')
+        if len(self._side_ids) == 0:
+            return ids, None
+        # inner products back from the L2 distances, only to merge with the side set
+        sq = np.einsum("bd,bd->b", q, q)[:, None]
+        approx = np.where(local >= 0, (sq + self._radius**2 - dist) / 2, -np.inf)
+        side = q @ self._vectors[self._side_ids].T  # (b, n_side) exact inner products
+        if side_mask is not None:  # the shared ``allowed`` mask, applied to the side set
+            side[:, ~side_mask] = -np.inf
+        side_i = np.broadcast_to(self._side_ids, side.shape)
+        if side.shape[1] > f:  # only the side set's own top-f can make the merged top-f
+            part = np.argpartition(-side, f - 1, axis=1)[:, :f]
+            side, side_i = np.take_along_axis(side, part, 1), np.take_along_axis(side_i, part, 1)
+        both_s = np.concatenate([approx, side], axis=1)
+        both_i = np.concatenate([ids, side_i], axis=1)
+        top = np.argsort(-both_s, axis=1, kind="stable")[:, :f]  # (b, f) best first
+        top_s = np.take_along_axis(both_s, top, axis=1)
+        return np.where(np.isfinite(top_s), np.take_along_axis(both_i, top, axis=1), -1), None
 
     def _scores(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact inner products of queries (b, d) with their items ids (b, f); -inf for -1."""
@@ -689,13 +741,22 @@ class ItemIndex:
         is_ivf = self.config.kind == "ivf"
         nprobe0 = min(self.config.ivf_nprobe, self.nlist) if is_ivf else 0
         if not cons.any:
-            ids, dist = self._faiss_search(q, min(k, n), nprobe0, None)
+            ids, dist = self._faiss_search(q, min(k, n), nprobe0)
             if (ids >= 0).all():  # the common case: nothing to filter or repair
-                return _pad_results(ids, self._scores(q, ids) if dist is None else dist, k)
-        selector = bitmap = None
+                if dist is None:  # HNSW: exact scores, best first
+                    dist = self._scores(q, ids)
+                    order = np.argsort(-dist, axis=1, kind="stable")
+                    ids, dist = (
+                        np.take_along_axis(ids, order, 1),
+                        np.take_along_axis(dist, order, 1),
+                    )
+                return _pad_results(ids, dist, k)
+        selector = bitmap = side_mask = None
         if cons.global_mask is not None:  # shared mask: faiss skips the blocked ids itself
-            bitmap = np.packbits(cons.global_mask, bitorder="little")  # faiss' bit order
-            selector = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bitmap))
+            local = cons.global_mask if is_ivf else cons.global_mask[self._graph_ids]
+            bitmap = np.packbits(local, bitorder="little")  # faiss' bit order
+            selector = faiss.IDSelectorBitmap(len(local), faiss.swig_ptr(bitmap))
+            side_mask = None if is_ivf else cons.global_mask[self._side_ids]
 
         out_i = np.full((b, k), -1, dtype=np.int64)
         out_s = np.full((b, k), -np.inf, dtype=np.float32)
@@ -714,7 +775,7 @@ class ItemIndex:
             first = setting[pending].min()
             rows = np.flatnonzero(pending & (setting == first))
             f, p = int(fetch[rows[0]]), int(nprobe[rows[0]])
-            ids, dist = self._faiss_search(q[rows], f, p, selector)  # (r, f)
+            ids, dist = self._faiss_search(q[rows], f, p, selector, side_mask)  # (r, f)
             ok = cons.eligible(ids, rows)  # (r, f)
             order = np.argsort(~ok, axis=1, kind="stable")[:, :k]  # eligible first, in order
             got_ids = np.where(
@@ -747,6 +808,9 @@ class ItemIndex:
         if fallback.any():
             rows = np.flatnonzero(fallback)
             out_i[rows], out_s[rows] = self._exact(q[rows], k, cons, rows)
+        if not is_ivf:  # HNSW ranked by float32 L2 distances: order by the exact scores
+            order = np.argsort(-out_s, axis=1, kind="stable")
+            out_i, out_s = np.take_along_axis(out_i, order, 1), np.take_along_axis(out_s, order, 1)
         return out_i, out_s
 
 
