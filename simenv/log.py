@@ -286,10 +286,9 @@ class ImpressionLog:
                 if "header" not in files:
                     raise LogFormatError(f"{path} is not a simenv impression log (no header)")
                 header = json.loads(bytes(z["header"]).decode())
-                if header.get("format") != "simenv.ImpressionLog":
-                    raise LogFormatError(
-                        f"{path} is not a simenv impression log (format {header.get('format')!r})"
-                    )
+                fmt = header.get("format") if isinstance(header, dict) else type(header).__name__
+                if fmt != "simenv.ImpressionLog":
+                    raise LogFormatError(f"{path} is not a simenv impression log (format {fmt!r})")
                 if header.get("version") != FORMAT_VERSION:
                     raise LogFormatError(
                         f"{path} has log format version {header.get('version')}, this simenv reads version {FORMAT_VERSION}"
@@ -309,9 +308,13 @@ class ImpressionLog:
             ValueError,
             KeyError,
             json.JSONDecodeError,
+            RuntimeError,  # zipfile on damaged flags: "encrypted", NotImplementedError, ...
         ) as e:
             raise LogFormatError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from e
-        bad = [c for c, a in cols.items() if a.shape != (header["n_rows"],)]
+        n_rows = header.get("n_rows")
+        if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
+            raise LogFormatError(f"{path}: the header's n_rows is not a row count: {n_rows!r}")
+        bad = [c for c, a in cols.items() if a.shape != (n_rows,)]
         if bad:
             raise LogFormatError(
                 f"{path}: columns {bad} do not have the {header['n_rows']} rows the header promises"
