@@ -1,0 +1,569 @@
+"""Training of the ranker on impressions: pointwise BCE, optional pairwise loss and extra heads.
+
+The lecture's ranking losses ("Напоминание: лоссы ранжирования"):
+
+- impression-aware: learn from what was shown (every shown item of a slate is an example);
+- pointwise: ``-y log sigmoid(x) - (1 - y) log(1 - sigmoid(x))`` per shown item, ``y`` the click;
+- pairwise: ``-log sigmoid(x_1 - x_2)`` for every pair of shown items of one slate with
+  ``y_1 > y_2`` (clicked above shown-and-not-clicked).
+
+:func:`train_ranker` fits the item statistics on the training log, trains with AdamW (progress
+bar, early stopping on validation AUC or log loss, atomic checkpoints with the config,
+``threads`` option) and leaves the ranker with its best validation weights. Popularity features
+of a training example leave out the example's own impression (leave-one-out), so a label never
+leaks into its own features.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+from torch.nn import functional as F  # noqa: N812
+from tqdm.auto import tqdm
+
+from ranking.features import ItemStatistics
+from ranking.model import Ranker, RankerConfig, _obs_to_torch
+from simenv.history import EventSequences, impression_examples, take_obs
+from simenv.log import ImpressionLog
+from simenv.types import Columns, EventType, ItemCatalog
+
+__all__ = [
+    "RankerTrainConfig",
+    "TrainHistory",
+    "SlateData",
+    "slate_data",
+    "pointwise_bce",
+    "pairwise_logistic",
+    "roc_auc",
+    "log_loss",
+    "evaluate_ranker",
+    "train_ranker",
+    "save_ranker",
+    "load_ranker",
+    "catalog_fingerprint",
+]
+
+CHECKPOINT_FORMAT = "ranking.Ranker"
+CHECKPOINT_VERSION = 1
+
+
+def _check(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if integer:
+        ok = ok and isinstance(value, int)
+    if not ok or not math.isfinite(float(value)) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind} in [{low:g}, {high:g}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class RankerTrainConfig:
+    """How the ranker is trained.
+
+    Attributes:
+        epochs: maximum passes over the training slates.
+        batch_size: slates (requests) per step.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        grad_clip: max gradient norm (None: no clipping).
+        history_length: L, events in each training observation (the env's history length).
+        pointwise_weight: weight of the pointwise click BCE.
+        pairwise_weight: weight of the in-slate pairwise loss ``-log sigmoid(s_pos - s_neg)``
+            (0: off).
+        head_weight: weight of the extra heads' losses (like, dislike: BCE on clicked items;
+            watch: squared error of ``log(1 + minutes)`` on clicked items).
+        leave_one_out: popularity features of a training example without its own impression.
+        early_stopping: ``"auc"`` (maximise validation AUC of clicks) or ``"logloss"``.
+        patience: epochs without validation improvement before stopping (0: never stop early).
+        restore_best: end with the weights of the best validation epoch.
+        max_slates_per_epoch: cap on slates drawn per epoch (None: all).
+        eval_batch_size: slates per scoring call during validation.
+        threads: ``torch.set_num_threads`` during training (None: leave as is).
+        seed: seed of the shuffles.
+        progress: show a tqdm bar.
+        checkpoint_dir: write ``ranker.pt`` there (atomically) whenever validation improves
+            (every epoch without validation data).
+    """
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    grad_clip: float | None = 5.0
+    history_length: int = 32
+    pointwise_weight: float = 1.0
+    pairwise_weight: float = 0.0
+    head_weight: float = 1.0
+    leave_one_out: bool = True
+    early_stopping: str = "auc"
+    patience: int = 2
+    restore_best: bool = True
+    max_slates_per_epoch: int | None = None
+    eval_batch_size: int = 2048
+    threads: int | None = None
+    seed: int = 0
+    progress: bool = True
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check("epochs", self.epochs, 1, 1_000_000, integer=True)
+        _check("batch_size", self.batch_size, 1, 10_000_000, integer=True)
+        _check("lr", self.lr, 1e-12, 10.0)
+        _check("weight_decay", self.weight_decay, 0.0, 10.0)
+        if self.grad_clip is not None:
+            _check("grad_clip", self.grad_clip, 1e-12, 1e12)
+        _check("history_length", self.history_length, 1, 4096, integer=True)
+        _check("pointwise_weight", self.pointwise_weight, 0.0, 1e6)
+        _check("pairwise_weight", self.pairwise_weight, 0.0, 1e6)
+        _check("head_weight", self.head_weight, 0.0, 1e6)
+        if self.pointwise_weight == 0 and self.pairwise_weight == 0:
+            raise ValueError("pointwise_weight and pairwise_weight cannot both be 0")
+        if self.early_stopping not in ("auc", "logloss"):
+            raise ValueError(
+                f"early_stopping must be 'auc' or 'logloss', got {self.early_stopping!r}"
+            )
+        _check("patience", self.patience, 0, 1_000_000, integer=True)
+        if self.max_slates_per_epoch is not None:
+            _check("max_slates_per_epoch", self.max_slates_per_epoch, 1, 1e12, integer=True)
+        _check("eval_batch_size", self.eval_batch_size, 1, 10_000_000, integer=True)
+        if self.threads is not None:
+            _check("threads", self.threads, 1, 4096, integer=True)
+        _check("seed", self.seed, 0, 2**63 - 1, integer=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainHistory:
+    """What happened during :func:`train_ranker`.
+
+    Attributes:
+        train_loss: mean training loss of each epoch.
+        valid_auc: validation AUC of clicks after each epoch (empty without validation data).
+        valid_logloss: validation log loss of clicks after each epoch.
+        best_epoch: epoch (0-based) whose weights the ranker ends with (-1: the last one).
+        best_metric: its early-stopping metric (NaN without validation data).
+        stopped_early: whether patience ran out before ``epochs``.
+        seconds: wall time of the training.
+        slates_per_s: training throughput.
+        n_train_slates: training slates (requests) available.
+        n_valid_slates: validation slates.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    valid_auc: list[float] = field(default_factory=list)
+    valid_logloss: list[float] = field(default_factory=list)
+    best_epoch: int = -1
+    best_metric: float = math.nan
+    stopped_early: bool = False
+    seconds: float = 0.0
+    slates_per_s: float = 0.0
+    n_train_slates: int = 0
+    n_valid_slates: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass(frozen=True, eq=False)
+class SlateData:
+    """Shown slates of a log with the observation at each request and every feedback.
+
+    Attributes:
+        obs: observation dict (R, L) of each request (history strictly before it).
+        items: int64 (R, k) shown items, by slate position.
+        clicked: float32 (R, k) 1 for any engagement (click, like, dislike).
+        liked: float32 (R, k).
+        disliked: float32 (R, k).
+        watch: float32 (R, k) watch minutes.
+    """
+
+    obs: dict[str, np.ndarray]
+    items: np.ndarray
+    clicked: np.ndarray
+    liked: np.ndarray
+    disliked: np.ndarray
+    watch: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.items.shape[0])
+
+
+def slate_data(log: ImpressionLog, sequences: EventSequences, history_length: int) -> SlateData:
+    """One example per request of ``log`` (slates of one size), as :class:`SlateData`."""
+    ex = impression_examples(log, sequences, history_length)
+    c = log.columns
+    # the same row order as impression_examples: by request, then position
+    order = np.lexsort((c[Columns.POSITION], c[Columns.REQUEST]))
+    shape = ex.items.shape
+    fb = c[Columns.FEEDBACK][order].reshape(shape)
+    items = c[Columns.ITEM][order].reshape(shape)
+    if not np.array_equal(items, ex.items):  # pragma: no cover - guards the alignment
+        raise RuntimeError("feedback rows do not line up with impression_examples")
+    return SlateData(
+        obs=ex.obs,
+        items=ex.items,
+        clicked=ex.labels.astype(np.float32),
+        liked=(fb == EventType.LIKE).astype(np.float32),
+        disliked=(fb == EventType.DISLIKE).astype(np.float32),
+        watch=c[Columns.WATCH][order].reshape(shape).astype(np.float32),
+    )
+
+
+# ---------------------------------------------------------------------------- losses
+def pointwise_bce(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean pointwise cross-entropy ``-y log sigmoid(x) - (1 - y) log(1 - sigmoid(x))``.
+
+    Args:
+        logits: any shape.
+        labels: same shape, in [0, 1].
+        mask: optional same-shape 0/1 weights (mean over the masked-in entries).
+    """
+    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    if mask is None:
+        return loss.mean()
+    return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def pairwise_logistic(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean ``-log sigmoid(s_i - s_j)`` over pairs of one slate with ``y_i > y_j``.
+
+    Args:
+        scores: (B, k) scores of the shown items.
+        labels: (B, k) labels (clicks).
+
+    Returns:
+        The mean over all such pairs of the batch (0 if there is none).
+    """
+    diff = scores[:, :, None] - scores[:, None, :]  # (B, k, k): s_i - s_j
+    pair = (labels[:, :, None] > labels[:, None, :]).float()  # y_i > y_j
+    loss = F.softplus(-diff)  # -log sigmoid(s_i - s_j)
+    return (loss * pair).sum() / pair.sum().clamp_min(1.0)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (ties count one half); NaN without both classes."""
+    y = np.asarray(labels).reshape(-1) > 0
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = rankdata(s)  # average ranks of ties
+    # Mann-Whitney U of the positives / (n_pos n_neg)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def log_loss(labels: np.ndarray, logits: np.ndarray) -> float:
+    """Mean binary cross-entropy of logits (numerically stable)."""
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    x = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if y.size == 0:
+        return math.nan
+    # -y log s(x) - (1-y) log(1-s(x)) = softplus(x) - y x
+    return float(np.mean(np.logaddexp(0.0, x) - y * x))
+
+
+# ---------------------------------------------------------------------------- evaluation
+def evaluate_ranker(ranker: Ranker, data: SlateData, batch_size: int = 2048) -> dict[str, float]:
+    """Validation figures of the click head on shown slates: AUC, log loss, click rate.
+
+    ``auc_score`` is the AUC of the combined score (equal to ``auc`` with the click head alone).
+    """
+    was_training = ranker.training
+    ranker.eval()
+    heads, scores = [], []
+    for s in range(0, len(data), batch_size):
+        rows = np.arange(s, min(len(data), s + batch_size))
+        obs = take_obs(data.obs, rows)
+        h = ranker.head_outputs(obs, data.items[rows])  # (b, k, n_heads)
+        heads.append(h[..., 0])
+        scores.append(ranker.combine(torch.from_numpy(h)).numpy())
+    if was_training:
+        ranker.train()
+    logit = np.concatenate(heads) if heads else np.zeros((0,))
+    score = np.concatenate(scores) if scores else np.zeros((0,))
+    y = data.clicked
+    return {
+        "auc": roc_auc(y, logit),
+        "auc_score": roc_auc(y, score),
+        "logloss": log_loss(y, logit),
+        "click_rate": float(y.mean()) if y.size else math.nan,
+        "n": float(y.size),
+    }
+
+
+# ---------------------------------------------------------------------------- training
+def _batch_loss(
+    ranker: Ranker, data: SlateData, rows: np.ndarray, config: RankerTrainConfig
+) -> torch.Tensor:
+    obs = _obs_to_torch(take_obs(data.obs, rows))
+    items = data.items[rows]
+    clicked, liked = data.clicked[rows], data.liked[rows]
+    disliked, watch = data.disliked[rows], data.watch[rows]
+    stats = ranker.statistics
+    exclude = (clicked, liked, disliked, watch) if config.leave_one_out else None
+    item_stats = torch.from_numpy(stats.features(items, exclude=exclude))
+    out = ranker(obs, torch.from_numpy(items), item_stats)  # (b, k, n_heads)
+    y = torch.from_numpy(clicked)
+    click_logit = out[..., 0]
+    loss = out.new_zeros(())
+    if config.pointwise_weight:
+        loss = loss + config.pointwise_weight * pointwise_bce(click_logit, y)
+    if config.pairwise_weight:
+        loss = loss + config.pairwise_weight * pairwise_logistic(click_logit, y)
+    if config.head_weight and ranker.n_heads > 1:
+        for j, name in enumerate(ranker.config.heads[1:], start=1):
+            o = out[..., j]
+            if name == "like":
+                extra = pointwise_bce(o, torch.from_numpy(liked), y)  # like given click
+            elif name == "dislike":
+                extra = pointwise_bce(o, torch.from_numpy(disliked), y)
+            else:  # watch: log(1 + minutes) given click, squared error
+                target = torch.log1p(torch.from_numpy(watch))
+                extra = ((o - target) ** 2 * y).sum() / y.sum().clamp_min(1.0)
+            loss = loss + config.head_weight * extra
+    return loss
+
+
+def _better(metric: str, new: float, best: float) -> bool:
+    if math.isnan(new):
+        return False
+    if math.isnan(best):
+        return True
+    return new > best if metric == "auc" else new < best
+
+
+def train_ranker(
+    ranker: Ranker,
+    train_log: ImpressionLog,
+    sequences: EventSequences,
+    config: RankerTrainConfig | None = None,
+    valid_log: ImpressionLog | None = None,
+) -> TrainHistory:
+    """Train ``ranker`` in place on the impressions of ``train_log``.
+
+    Args:
+        ranker: the ranker (its item statistics are replaced by those of ``train_log``).
+        train_log: training impressions (slates of one size).
+        sequences: every user's engagement events (build it from the whole log, training and
+            validation: an observation only ever holds the events strictly before its
+            request, so later events do not leak into earlier examples).
+        config: training options.
+        valid_log: validation impressions (later in time than ``train_log``) for early
+            stopping; None trains for ``config.epochs`` epochs.
+
+    Returns:
+        The :class:`TrainHistory`.
+    """
+    config = RankerTrainConfig() if config is None else config
+    if not isinstance(ranker, Ranker):
+        raise ValueError(f"ranker must be a Ranker, got {type(ranker).__name__}")
+    if not isinstance(config, RankerTrainConfig):
+        raise ValueError(f"config must be a RankerTrainConfig, got {type(config).__name__}")
+    if len(train_log) == 0:
+        raise ValueError("train_log has no rows")
+    before_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(ranker, train_log, sequences, config, valid_log)
+    finally:
+        torch.set_num_threads(before_threads)
+
+
+def _train(
+    ranker: Ranker,
+    train_log: ImpressionLog,
+    sequences: EventSequences,
+    config: RankerTrainConfig,
+    valid_log: ImpressionLog | None,
+) -> TrainHistory:
+    t_start = time.perf_counter()
+    ranker.set_statistics(
+        ItemStatistics.from_log(train_log, ranker.n_items, ranker.config.stats_prior)
+    )
+    train = slate_data(train_log, sequences, config.history_length)
+    valid = (
+        slate_data(valid_log, sequences, config.history_length)
+        if valid_log is not None and len(valid_log)
+        else None
+    )
+    hist = TrainHistory(n_train_slates=len(train), n_valid_slates=len(valid) if valid else 0)
+    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0x5A4C]))
+    opt = torch.optim.AdamW(ranker.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    metric = config.early_stopping
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs = 0
+    n_per_epoch = len(train)
+    if config.max_slates_per_epoch is not None:
+        n_per_epoch = min(n_per_epoch, config.max_slates_per_epoch)
+    n_batches = -(-n_per_epoch // config.batch_size)
+    slates_seen = 0
+    bar = tqdm(total=config.epochs * n_batches, desc="train ranker", disable=not config.progress)
+    for epoch in range(config.epochs):
+        ranker.train()
+        perm = rng.permutation(len(train))[:n_per_epoch]
+        total, count = 0.0, 0
+        for s in range(0, n_per_epoch, config.batch_size):
+            rows = perm[s : s + config.batch_size]
+            loss = _batch_loss(ranker, train, rows, config)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(ranker.parameters(), config.grad_clip)
+            opt.step()
+            total += float(loss.detach()) * rows.size
+            count += rows.size
+            slates_seen += rows.size
+            bar.update(1)
+        hist.train_loss.append(total / max(count, 1))
+        ranker.eval()
+        improved = True
+        if valid is not None:
+            res = evaluate_ranker(ranker, valid, config.eval_batch_size)
+            hist.valid_auc.append(res["auc"])
+            hist.valid_logloss.append(res["logloss"])
+            value = res["auc"] if metric == "auc" else res["logloss"]
+            improved = _better(metric, value, hist.best_metric)
+            bar.set_postfix(
+                loss=f"{hist.train_loss[-1]:.4f}",
+                auc=f"{res['auc']:.4f}",
+                ll=f"{res['logloss']:.4f}",
+            )
+            if improved:
+                hist.best_metric = value
+        else:
+            bar.set_postfix(loss=f"{hist.train_loss[-1]:.4f}")
+        if improved:
+            hist.best_epoch = epoch
+            bad_epochs = 0
+            if config.restore_best:
+                best_state = copy.deepcopy(ranker.state_dict())
+            if config.checkpoint_dir is not None:
+                save_ranker(
+                    ranker,
+                    Path(config.checkpoint_dir) / "ranker.pt",
+                    extra={
+                        "epoch": epoch,
+                        "train_config": config.to_dict(),
+                        "history": hist.to_dict(),
+                    },
+                )
+        else:
+            bad_epochs += 1
+            if config.patience and bad_epochs >= config.patience:
+                hist.stopped_early = epoch + 1 < config.epochs
+                break
+    bar.close()
+    if config.restore_best and best_state is not None:
+        ranker.load_state_dict(best_state)
+    ranker.eval()
+    hist.seconds = time.perf_counter() - t_start
+    hist.slates_per_s = slates_seen / max(hist.seconds, 1e-9)
+    return hist
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def catalog_fingerprint(catalog: ItemCatalog) -> dict[str, Any]:
+    """Sizes and a SHA-256 of the catalog's arrays: a checkpoint belongs to one catalog."""
+    h = hashlib.sha256()
+    for a in (catalog.title_tokens, catalog.categorical, catalog.release_time):
+        arr = np.ascontiguousarray(a)
+        h.update(str(arr.dtype).encode())
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+    return {
+        "n_items": catalog.n_items,
+        "vocab_size": int(catalog.vocab_size),
+        "categorical_names": list(catalog.categorical_names),
+        "categorical_cardinalities": [int(c) for c in catalog.categorical_cardinalities],
+        "sha256": h.hexdigest(),
+    }
+
+
+def save_ranker(
+    ranker: Ranker, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
+    """Write the ranker (weights, statistics, config, catalog fingerprint) atomically.
+
+    The file appears complete or not at all: it is written to a temporary file in the same
+    folder, flushed, and renamed over ``path`` with ``os.replace``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": ranker.config.to_dict(),
+        "catalog": catalog_fingerprint(ranker.catalog),
+        "state_dict": ranker.state_dict(),
+        "extra": extra or {},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_ranker(
+    path: str | os.PathLike[str], catalog: ItemCatalog
+) -> tuple[Ranker, dict[str, Any]]:
+    """Read a checkpoint of :func:`save_ranker` for ``catalog``; returns ``(ranker, extra)``.
+
+    Raises:
+        ValueError: not a ranker checkpoint, another format version, or another catalog.
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated or foreign file
+        raise ValueError(
+            f"{path} is not a readable ranker checkpoint: {type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a ranker checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} has ranker checkpoint version {payload.get('version')}, this code reads "
+            f"version {CHECKPOINT_VERSION}"
+        )
+    fp = catalog_fingerprint(catalog)
+    if payload["catalog"] != fp:
+        raise ValueError(
+            f"{path} was saved for another catalog ({payload['catalog']['n_items']} items, "
+            f"sha256 {payload['catalog']['sha256'][:12]}...), not this one ({fp['n_items']} "
+            f"items, sha256 {fp['sha256'][:12]}...)"
+        )
+    ranker = Ranker(catalog, RankerConfig.from_dict(payload["config"]))
+    ranker.load_state_dict(payload["state_dict"])
+    ranker.eval()
+    return ranker, payload.get("extra", {})
