@@ -79,7 +79,8 @@ def _make_bad_action(d, env, batch=None):
         a[r, c] = a[r, (c + d["offset"]) % K]
     elif kind == "unreleased":
         unreleased = np.nonzero(rel > sim.time[r])[0]
-        item = unreleased[d["pick"] % unreleased.size]
+        # (late in a long run everything may be released: then an out-of-range id instead)
+        item = unreleased[d["pick"] % unreleased.size] if unreleased.size else N
         a[r][a[r] == item] = -1  # (then also out of range: still invalid)
         a[r, c] = item
     elif kind == "bool":

@@ -83,6 +83,9 @@ def test_choose_hand_case():
     for uniform, expected in [(0.0, 0), (0.16, 0), (0.17, 1), (0.49, 1), (0.51, -1), (0.999, -1)]:
         chosen, _ = choose(u, u0, np.array([uniform]))
         assert chosen[0] == expected, uniform
+    # a zero-probability item is never chosen, even by a uniform of exactly 0 (strict CDF)
+    chosen, _ = choose(np.array([[-np.inf], [0.0]], np.float32), 0.0, np.array([0.0]))
+    assert chosen[0] == 1
     # several users at once, each with its own uniform
     chosen, _ = choose(np.repeat(u, 4, axis=1), u0, np.array([0.1, 0.2, 0.6, 0.0]))
     assert chosen.tolist() == [0, 1, -1, 0]
