@@ -17,7 +17,8 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import simenv
-from simenv import EnvConfig, EventType, Obs, RecEnv
+from simenv import BatchedRecEnv, EnvConfig, EventType, Obs, RecEnv
+from simenv.spaces import SlateSpace
 from tests.simenv.helpers import assert_equal_nested, digest, mixed_action, rollout
 
 IDS = ["simenv/RecEnv-v0", "simenv/RecEnv-small-v0"]
@@ -162,3 +163,42 @@ def test_render_ansi():
     text = env.render()
     assert text.startswith("user=17 ") and "session=0 pos=0" in text
     assert RecEnv(EnvConfig.small()).render() is None
+
+
+def test_slate_space():
+    space = SlateSpace(50, 4, sample_pool=np.arange(10, 30), seed=0)
+    for _ in range(50):
+        s = space.sample()
+        assert s.shape == (4,) and np.unique(s).size == 4 and space.contains(s)
+        assert np.all((s >= 10) & (s < 30))
+    assert not space.contains(np.array([1, 2, 2, 3]))
+    assert not space.contains(np.array([1, 2, 3, 50]))
+    assert not space.contains(np.array([1, 2, 3]))
+    batch = SlateSpace(50, 4, batch=6, seed=1)
+    b = batch.sample()
+    assert b.shape == (6, 4) and batch.contains(b)
+    assert all(np.unique(r).size == 4 for r in b)
+    b[2, 1] = b[2, 0]
+    assert not batch.contains(b)
+    big = SlateSpace(100_000, 10, seed=2).sample()  # the rejection path for large pools
+    assert np.unique(big).size == 10
+    with pytest.raises(ValueError, match="sample_pool"):
+        SlateSpace(50, 4, sample_pool=np.arange(3))
+
+
+def test_info_level_full_reports_the_best_current_utility():
+    env = RecEnv(EnvConfig.small(info_level="full"))
+    venv = BatchedRecEnv(3, EnvConfig.small(info_level="full"))
+    env.reset(seed=0)
+    venv.reset(seed=0)
+    items = np.arange(env.world.n_items)
+    for _ in range(5):
+        _, _, _, _, info = env.step(env.best_slate())
+        util = env.sim.true_utility(items)[0]
+        util[env.world.items.release_time > env.sim.time[0]] = -np.inf
+        assert info["best_utility"] == pytest.approx(float(util.max()), rel=1e-6)
+        _, _, _, _, vinfo = venv.step(venv.best_slates())
+        vutil = venv.sim.true_utility(items)
+        vutil[venv.world.items.release_time[None, :] > venv.sim.time[:, None]] = -np.inf
+        np.testing.assert_allclose(vinfo["best_utility"], vutil.max(axis=1), rtol=1e-6)
+        assert vinfo["_best_utility"].all()
