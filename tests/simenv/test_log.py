@@ -467,3 +467,37 @@ def test_collect_more_users_than_the_population_wraps():
     counts = np.bincount(log.user, minlength=300)
     assert np.all(counts > 0)  # every user of the permutation once, then 20 more
     assert (counts > np.median(counts)).sum() == 20
+
+
+class _SlatesOnly:
+    """act returns slates only; propensities (a known function of item and position) optional."""
+
+    name = "slates-only"
+
+    def __init__(self, world, expose):
+        self.inner = UniformPolicy(world, 5, seed=0)
+        self.expose = expose
+
+    @staticmethod
+    def fake_propensity(slates):
+        return ((slates % 97) / 97.0 + 0.001 * np.arange(slates.shape[1])).astype(np.float32)
+
+    def act(self, obs):
+        slates, _ = self.inner.act(obs)
+        if self.expose:
+            self.last_propensities = self.fake_propensity(slates)
+        return slates
+
+
+def test_collect_propensities_from_tuple_attribute_or_nan():
+    env = BatchedRecEnv(4, EnvConfig.small())
+    log = collect(env, _SlatesOnly(env.world, expose=True), n_users=6, progress=False)
+    expect = ((log.item % 97) / 97.0 + 0.001 * log.position).astype(np.float32)
+    np.testing.assert_allclose(log.propensity, expect, rtol=1e-6)
+    log = collect(env, _SlatesOnly(env.world, expose=False), n_users=6, progress=False)
+    assert len(log) > 0 and np.all(np.isnan(log.propensity))
+    # a tuple-returning policy: the logged values are the Plackett-Luce factors it returned
+    policy = UniformPolicy(env.world, 5, seed=0)
+    log = collect(env, policy, n_users=6, progress=False)
+    n_rel = (env.world.items.release_time[None, :] <= log.time[:, None]).sum(axis=1)
+    np.testing.assert_allclose(log.propensity, 1.0 / (n_rel - log.position), rtol=1e-5)
