@@ -11,6 +11,7 @@ and ``full`` (the default 20,000-item, 10,000-user world).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.registry import ExperimentConfig, param
 from retrieval.baselines import CandidateGenerator, Interactions
 from retrieval.data import EvalSet, eval_set
 from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
@@ -58,6 +60,9 @@ __all__ = [
     "default_two_tower",
     "mixed_negatives",
     "MAIN_METRICS",
+    "OfflineTrainingConfig",
+    "chosen_variants",
+    "with_test_rows",
 ]
 
 #: Metric columns every offline table shows (K = 100 unless named).
@@ -326,3 +331,84 @@ def set_threads(n: int | None) -> None:
     """Torch threads for a run (one is steadier on a shared 2-core machine)."""
     if n is not None:
         torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- shared config
+
+
+@dataclass(frozen=True)
+class OfflineTrainingConfig(ExperimentConfig):
+    """Fields shared by the offline two-tower experiments: which log, what training budget.
+
+    A subclass adds its own fields (and may redeclare one of these to change its default);
+    it calls ``super().__post_init__()`` from its own ``__post_init__``.
+    """
+
+    policy: str = param(
+        "popularity", "behaviour policy of the log: uniform, popularity or in-group"
+    )
+    epsilon: float = param(0.05, "uniform exploration of the behaviour policy, in [0, 1]")
+    episodes_per_user: float = param(3.0, "user episodes logged per user of the world (> 0)")
+    epochs: int = param(12, "maximum training epochs (early stopping on validation recall@100)")
+    batch_size: int = param(1024, "training batch size")
+    lr: float = param(3e-3, "learning rate (AdamW)")
+    max_examples_per_epoch: int | None = param(
+        None, "cap on the training examples drawn per epoch (none: every example)"
+    )
+    variants: tuple[str, ...] = param(
+        (), "run only these variants (names as in the results table; empty: the profile's set)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("uniform", "popularity", "in-group"):
+            raise ValueError(
+                f"policy must be 'uniform', 'popularity' or 'in-group', got {self.policy!r}"
+            )
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon must lie in [0, 1], got {self.epsilon}")
+        if not self.episodes_per_user > 0:
+            raise ValueError(f"episodes_per_user must be > 0, got {self.episodes_per_user}")
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        m = self.max_examples_per_epoch
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"max_examples_per_epoch must be None or an integer >= 1, got {m!r}")
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants must be distinct, got {self.variants}")
+
+    def train_config(self, seed: int, threads: int | None, **overrides: Any) -> TrainConfig:
+        """The :class:`TrainConfig` of one training run (``overrides`` replace its fields)."""
+        kw: dict[str, Any] = dict(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            max_examples_per_epoch=self.max_examples_per_epoch,
+            seed=seed,
+            progress=False,
+            threads=threads,
+        )
+        kw.update(overrides)
+        return TrainConfig(**kw)
+
+
+def chosen_variants(
+    requested: tuple[str, ...], available: list[str] | tuple[str, ...]
+) -> list[str]:
+    """The variants to run: ``requested`` (in the order of ``available``) or all of ``available``.
+
+    Raises:
+        ValueError: naming the requested variants that are not available, and the choices.
+    """
+    unknown = [v for v in requested if v not in available]
+    if unknown:
+        raise ValueError(f"variants {unknown} are not available; choose among {list(available)}")
+    return [v for v in available if not requested or v in requested]
+
+
+def with_test_rows(data: OfflineData, rows: np.ndarray) -> OfflineData:
+    """A view of ``data`` whose test set holds only some of its queries (e.g. new users)."""
+    return dataclasses.replace(data, test_set=data.test_set.subset(np.asarray(rows)))

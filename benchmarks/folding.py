@@ -1,0 +1,405 @@
+"""folding: impression-aware training folds disjoint user-item groups (the lecture's "Folding").
+
+The lecture: when the logging recommender is good, slates hold no random items; users and
+items split into disjoint groups (Spaniards get Spanish videos, Italians Italian ones); a
+ranking loss trained on impressions only learns *local* comparisons inside a slate, so the
+groups may land on top of each other in vector space ("fold"), while retrieval must compare
+items across the whole catalog. Here the log comes from the in-group policy (every slate is
+local to the user's group), and the models are compared on
+
+- leakage@100: share of the top-100 from groups the user never engages with;
+- normalised leakage: the same divided by what random retrieval over the released catalog
+  gives (1 = no group structure at all);
+- cross-group AUC: probability that a held-out positive outscores an item of another group;
+- centroid similarity: cosine between the group centroids of the item vectors
+  (:func:`retrieval.metrics.group_centroid_similarity`), plotted as a matrix.
+
+Claims: impression-aware BCE folds (the issue's bar: leakage@100 at least 10x that of
+sampled softmax with uniform or mixed negatives); in-batch negatives from mixed-group batches
+remove folding; group-homogeneous batches with in-batch negatives bring it back, uniform
+negatives remove it even there.
+
+Group-homogeneous batches: :func:`retrieval.train.fit_two_tower` draws every batch from one
+random permutation of all examples and has no batch-order hook, so they are emulated
+without touching the training loop: each round visits the groups in a seeded random order
+and runs one ``fit_two_tower`` epoch on the training-log rows of that group's users, so
+every batch (and every in-batch negative) comes from one group. Each call starts a fresh
+AdamW state (its bias correction keeps the first steps at the nominal rate) and counts
+item frequencies (logQ) within the group. Rounds stop early on validation recall@100
+(:func:`retrieval.train.evaluate_recall`) with the same patience as the other models, and
+the best round's weights are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+from matplotlib.figure import Figure
+from scipy.stats import spearmanr
+
+from benchmarks.common import (
+    OfflineData,
+    OfflineTrainingConfig,
+    chosen_variants,
+    default_two_tower,
+    env_config,
+    evaluate_generator,
+    offline_data,
+    train_two_tower,
+    two_tower_generator,
+    world_label,
+)
+from benchmarks.registry import experiment, param
+from benchmarks.runner import RunContext
+from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
+from retrieval.metrics import group_centroid_similarity
+from retrieval.model import TwoTowerConfig, TwoTowerModel
+from retrieval.train import TrainConfig, evaluate_recall, fit_two_tower
+from simenv.types import Columns
+
+IMPRESSION = "impression BCE"
+UNIFORM = "softmax uniform"
+IN_BATCH = "softmax in-batch"
+MIXED = "softmax mixed"
+GROUP_IN_BATCH = "softmax in-batch (group batches)"
+GROUP_UNIFORM = "softmax uniform (group batches)"
+VARIANTS = (IMPRESSION, UNIFORM, IN_BATCH, MIXED, GROUP_IN_BATCH, GROUP_UNIFORM)
+
+_UNIFORM_LOSS = RetrievalLossConfig(
+    kind="sampled_softmax", negatives=NegativeSamplerConfig(in_batch=False, uniform=1024)
+)  # uniform Q: logQ would only shift every negative by the same constant
+_IN_BATCH_LOSS = RetrievalLossConfig(
+    kind="sampled_softmax",
+    negatives=NegativeSamplerConfig(in_batch=True, logq="negatives_only"),  # L_logQ3
+)
+_MIXED_LOSS = RetrievalLossConfig(
+    kind="sampled_softmax",
+    negatives=NegativeSamplerConfig(in_batch=True, uniform=1024, logq="negatives_only"),
+)
+LOSSES = {
+    IMPRESSION: RetrievalLossConfig(kind="impression_bce"),
+    UNIFORM: _UNIFORM_LOSS,
+    IN_BATCH: _IN_BATCH_LOSS,
+    MIXED: _MIXED_LOSS,
+    GROUP_IN_BATCH: _IN_BATCH_LOSS,
+    GROUP_UNIFORM: _UNIFORM_LOSS,
+}
+GROUPED = (GROUP_IN_BATCH, GROUP_UNIFORM)
+
+
+@dataclass(frozen=True)
+class FoldingConfig(OfflineTrainingConfig):
+    """Folding under impression-aware training, by negatives and batch composition."""
+
+    policy: str = param("in-group", "behaviour policy of the log (in-group makes folding possible)")
+    epsilons: tuple[float, ...] = param(
+        (0.0, 0.05), "uniform exploration of the in-group policy, one log per value"
+    )
+    dim: int = param(64, "embedding dimension")
+    patience: int = param(2, "epochs (rounds for group batches) without validation gain")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.epsilons or any(not 0.0 <= e <= 1.0 for e in self.epsilons):
+            raise ValueError(
+                f"epsilons must be a non-empty tuple of values in [0, 1], got {self.epsilons}"
+            )
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"dim must be an integer >= 1, got {self.dim!r}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be >= 0, got {self.patience}")
+        chosen_variants(self.variants, VARIANTS)
+
+    @classmethod
+    def quick(cls) -> FoldingConfig:
+        return replace(
+            cls(), epsilons=(0.0,), epochs=4, batch_size=512, max_examples_per_epoch=32_768
+        )
+
+
+def fit_group_batches(
+    data: OfflineData,
+    model_cfg: TwoTowerConfig,
+    loss: RetrievalLossConfig,
+    tcfg: TrainConfig,
+    order_rng: np.random.Generator,
+) -> tuple[TwoTowerModel, int]:
+    """Train with group-homogeneous batches: one ``fit_two_tower`` epoch per group per round.
+
+    Args:
+        data: the offline data (the training log is split by the user's true group).
+        model_cfg: the model.
+        loss: the loss (in-batch negatives then only ever see the batch's own group).
+        tcfg: training config; ``epochs`` is the number of rounds, ``patience`` applies to
+            rounds, ``max_examples_per_epoch`` is shared out over the groups.
+        order_rng: draws the order in which each round visits the groups.
+
+    Returns:
+        The model with the best round's weights, and that round (1-based).
+    """
+    model = TwoTowerModel.build(model_cfg, data.world.catalog)
+    groups = data.world.users.group[data.train[Columns.USER]]  # (rows,) group of each log row
+    n_groups = data.world.config.n_groups
+    logs = [data.train.select(np.flatnonzero(groups == g)) for g in range(n_groups)]
+    cap = tcfg.max_examples_per_epoch
+    per_group = None if cap is None else max(1, math.ceil(cap / n_groups))
+    release = data.world.catalog.release_time
+    best, best_round, best_state, bad = -np.inf, 0, None, 0
+    for r in range(1, tcfg.epochs + 1):
+        for g in order_rng.permutation(n_groups):
+            if len(logs[g]) == 0:
+                continue
+            call = replace(
+                tcfg,
+                epochs=1,
+                max_examples_per_epoch=per_group,
+                seed=tcfg.seed * 10_000 + r * n_groups + int(g),
+                checkpoint_dir=None,
+            )
+            fit_two_tower(model, loss, logs[g], data.seq_train, call)
+        rec = evaluate_recall(model, data.valid_set, tcfg.eval_k, release)
+        if rec > best:
+            best, best_round, bad = rec, r, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if tcfg.patience and bad >= tcfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return model, best_round
+
+
+def _off_diagonal_mean(sim: np.ndarray) -> float:
+    """Mean of the off-diagonal entries of a square matrix."""
+    return float(sim[~np.eye(sim.shape[0], dtype=bool)].mean())
+
+
+@experiment(
+    "folding",
+    "Folding of disjoint user-item groups on in-group logs: impression-aware BCE vs sampled "
+    "softmax with uniform, in-batch (mixed-group or group-homogeneous batches) and mixed "
+    "negatives; leakage@100, normalised leakage, cross-group AUC, group-centroid similarity.",
+    FoldingConfig,
+)
+def run(cfg: FoldingConfig, ctx: RunContext) -> None:
+    variants = chosen_variants(cfg.variants, VARIANTS)
+    model_cfg = default_two_tower(cfg.dim)
+    rows = []
+    centroids: dict[str, np.ndarray] = {}  # first seed, first epsilon
+    for seed in ctx.seeds:
+        wl = world_label(env_config(ctx.quick), seed)
+        for eps in cfg.epsilons:
+            data = offline_data(ctx.quick, seed, cfg.policy, eps, cfg.episodes_per_user)
+            for name in ctx.progress(variants, desc=f"seed {seed}, eps {eps:g}"):
+                tcfg = cfg.train_config(seed, ctx.threads, patience=cfg.patience)
+                with ctx.timer("train") as t:
+                    if name in GROUPED:
+                        model, best = fit_group_batches(
+                            data, model_cfg, LOSSES[name], tcfg, ctx.rng(seed, "group-order", name)
+                        )
+                    else:
+                        model, res, _ = train_two_tower(data, model_cfg, LOSSES[name], tcfg)
+                        best = res.best_epoch
+                with ctx.timer("evaluate"):
+                    m = evaluate_generator(two_tower_generator(model, data, name), data)
+                    vecs = model.all_item_vectors().numpy()  # (N, d) raw tower outputs
+                    sim = group_centroid_similarity(vecs, data.world.items.group)  # (G, G)
+                if seed == ctx.seeds[0] and eps == cfg.epsilons[0]:
+                    centroids[name] = sim
+                rows.append(
+                    {"world": wl, "policy": data.label, "model": name, "seed": seed,
+                     "wall_s": t.seconds, "epsilon": eps, "epochs": best,
+                     "tau": float(model.similarity.tau.detach()),
+                     "centroid_offdiag": _off_diagonal_mean(sim), **m}
+                )  # fmt: skip
+    metrics = [
+        "recall@10",
+        "recall@100",
+        "leakage@100",
+        "norm_leakage@100",
+        "cross_group_auc",
+        "centroid_offdiag",
+        "tau",
+        "epochs",
+    ]
+    agg = ctx.report.seed_table(
+        "Folding on held-out users of in-group logs (test period)",
+        rows,
+        metrics,
+        fmt={m: ".4f" for m in metrics} | {"epochs": ".1f", "tau": ".3f", "wall_s": ".1f"},
+        note="leakage@100: share of other-group items in the top 100; norm_leakage@100: that "
+        "share over random retrieval's (1 = no group structure); cross_group_auc: P(held-out "
+        "positive outscores an other-group item); centroid_offdiag: mean cosine between "
+        "different groups' item centroids.",
+    )
+    ctx.report.add_result("rows", rows)
+    eps0 = cfg.epsilons[0]
+    by = {(r["policy"], r["model"]): r for r in agg}
+    label0 = next(r["policy"] for r in rows if r["epsilon"] == eps0)
+
+    def cell(model: str, metric: str, label: str = label0):
+        r = by.get((label, model))
+        return None if r is None else r[metric]
+
+    _claims(ctx, cell)
+    if len(cfg.epsilons) > 1 and IMPRESSION in variants:
+        label1 = next(r["policy"] for r in rows if r["epsilon"] == cfg.epsilons[-1])
+        ctx.report.claim_compare(
+            f"Random items in the slates counter folding: impression BCE leaks less with "
+            f"epsilon={cfg.epsilons[-1]:g} than with epsilon={eps0:g} (normalised leakage@100)",
+            cell(IMPRESSION, "norm_leakage@100", label1),
+            "<",
+            cell(IMPRESSION, "norm_leakage@100"),
+            measured_name=f"eps {cfg.epsilons[-1]:g}",
+            reference_name=f"eps {eps0:g}",
+        )
+    _centroid_note(ctx, cell)
+    _plots(ctx, centroids, agg, label0)
+    parts = [
+        f"{n} {cell(n, 'leakage@100').mean:.3f}"
+        for n in variants
+        if cell(n, "leakage@100") is not None
+    ]
+    ctx.report.headline(f"leakage@100 on in-group logs (eps={eps0:g}): " + "; ".join(parts))
+
+
+def _claims(ctx: RunContext, cell) -> None:
+    """The folding claims, each recorded only when the variants it compares were run."""
+
+    def have(*names: str) -> bool:
+        return all(cell(n, "leakage@100") is not None for n in names)
+
+    for ref in (UNIFORM, MIXED):
+        if have(IMPRESSION, ref):
+            ctx.report.claim_compare(
+                f"Impression-aware BCE folds: leakage@100 at least 10x that of sampled softmax "
+                f"with {ref.split()[-1]} negatives (the issue's bar)",
+                cell(IMPRESSION, "leakage@100"),
+                ">=",
+                10.0 * cell(ref, "leakage@100").mean,
+                measured_name=IMPRESSION,
+                reference_name=f"10 x {ref}",
+            )
+    if have(IMPRESSION, MIXED):
+        ctx.report.claim_compare(
+            "Folded groups are not told apart: impression BCE's cross-group AUC is below the "
+            "mixed-negative softmax's",
+            cell(IMPRESSION, "cross_group_auc"),
+            "<",
+            cell(MIXED, "cross_group_auc"),
+            measured_name=IMPRESSION,
+            reference_name=MIXED,
+        )
+    if have(IMPRESSION, IN_BATCH):
+        ctx.report.claim_compare(
+            "In-batch negatives from mixed-group batches remove folding: leakage@100 at most a "
+            "tenth of impression BCE's",
+            cell(IN_BATCH, "leakage@100"),
+            "<=",
+            0.1 * cell(IMPRESSION, "leakage@100").mean,
+            measured_name=IN_BATCH,
+            reference_name="0.1 x impression BCE",
+        )
+    if have(GROUP_IN_BATCH, IN_BATCH):
+        ctx.report.claim_compare(
+            "Group-homogeneous batches bring folding back: in-batch negatives leak at least 10x "
+            "more than with mixed-group batches",
+            cell(GROUP_IN_BATCH, "leakage@100"),
+            ">=",
+            10.0 * cell(IN_BATCH, "leakage@100").mean,
+            measured_name=GROUP_IN_BATCH,
+            reference_name=f"10 x {IN_BATCH}",
+        )
+    if have(GROUP_UNIFORM, GROUP_IN_BATCH):
+        ctx.report.claim_compare(
+            "Uniform negatives remove folding even in group-homogeneous batches: leakage@100 "
+            "at most a tenth of in-batch negatives' there",
+            cell(GROUP_UNIFORM, "leakage@100"),
+            "<=",
+            0.1 * cell(GROUP_IN_BATCH, "leakage@100").mean,
+            measured_name=GROUP_UNIFORM,
+            reference_name=f"0.1 x {GROUP_IN_BATCH}",
+        )
+
+
+def _centroid_note(ctx: RunContext, cell) -> None:
+    """Say whether the centroid view orders the models as leakage does (computed, not assumed)."""
+    names = [n for n in VARIANTS if cell(n, "leakage@100") is not None]
+    if len(names) < 2:
+        return
+    leak = np.array([cell(n, "leakage@100").mean for n in names])
+    off = np.array([cell(n, "centroid_offdiag").mean for n in names])
+    rho = float(spearmanr(leak, off).statistic) if np.ptp(leak) > 0 and np.ptp(off) > 0 else 0.0
+    lines = ", ".join(f"{n} {o:+.2f}" for n, o in zip(names, off, strict=True))
+    ctx.report.section(
+        "Reading the centroid matrix",
+        f"Mean off-diagonal centroid cosine per model: {lines}. Spearman correlation between "
+        f"it and leakage@100 across the models: {rho:+.2f}. Centroids summarise each group by "
+        "one direction; folding is the overlap of the groups' item clouds with what each "
+        "user's vector points at, so leakage and cross-group AUC are the measures the claims "
+        "use, and the matrix is a picture of the geometry"
+        + (
+            " (here it does not order the models as leakage does)."
+            if rho < 0.5
+            else " (here it orders the models as leakage does)."
+        ),
+    )
+
+
+def _plots(ctx: RunContext, centroids: dict[str, np.ndarray], agg: list, label0: str) -> None:
+    shown = [n for n in (IMPRESSION, MIXED, GROUP_IN_BATCH, UNIFORM, IN_BATCH) if n in centroids][
+        :3
+    ]
+    if shown:
+        fig = Figure(figsize=(3.6 * len(shown) + 0.8, 3.6))
+        axes = fig.subplots(1, len(shown), squeeze=False)[0]
+        im = None
+        for ax, name in zip(axes, shown, strict=True):
+            sim = centroids[name]
+            im = ax.imshow(sim, vmin=-1.0, vmax=1.0, cmap="RdBu_r")
+            for i in range(sim.shape[0]):
+                for j in range(sim.shape[1]):
+                    ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7)
+            ax.set_title(f"{name}\noff-diagonal mean {_off_diagonal_mean(sim):.2f}", fontsize=8)
+            ax.set_xlabel("group")
+            ax.set_ylabel("group")
+            ax.set_xticks(range(sim.shape[0]))
+            ax.set_yticks(range(sim.shape[0]))
+        fig.colorbar(im, ax=list(axes), shrink=0.8, label="cosine of group centroids")
+        ctx.report.figure(
+            "centroid_similarity",
+            fig,
+            "Cosine similarity between the groups' item-vector centroids (first seed, first "
+            "epsilon): near 1 off the diagonal = folded groups, near or below 0 = separated.",
+            data={name: centroids[name] for name in shown},
+        )
+    rows = [r for r in agg if r["policy"] == label0]
+    fig = Figure(figsize=(7.5, 3.2))
+    ax1, ax2 = fig.subplots(1, 2)
+    names = [r["model"] for r in rows]
+    y = np.arange(len(rows))
+    for ax, metric, title in (
+        (ax1, "norm_leakage@100", "normalised leakage@100 (1 = random)"),
+        (ax2, "cross_group_auc", "cross-group AUC (1 = groups apart)"),
+    ):
+        ax.barh(y, [r[metric].mean for r in rows], xerr=[r[metric].std or 0.0 for r in rows])
+        ax.set_yticks(y)
+        ax.set_yticklabels(names if ax is ax1 else [], fontsize=7)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlim(0, 1.05)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    ctx.report.figure(
+        "leakage",
+        fig,
+        f"Normalised leakage@100 and cross-group AUC per model ({label0}).",
+        data={
+            "model": names,
+            "norm_leakage@100": [r["norm_leakage@100"].mean for r in rows],
+            "cross_group_auc": [r["cross_group_auc"].mean for r in rows],
+        },
+    )
