@@ -71,6 +71,7 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.perf_env",
     "benchmarks.losses",
     "benchmarks.folding",
+    "benchmarks.similarity",
 ]
 
 RESERVED_NAMES = frozenset({"all", "list"})
