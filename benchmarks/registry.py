@@ -72,6 +72,7 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.losses",
     "benchmarks.folding",
     "benchmarks.similarity",
+    "benchmarks.dimension",
 ]
 
 RESERVED_NAMES = frozenset({"all", "list"})
