@@ -73,6 +73,7 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.folding",
     "benchmarks.similarity",
     "benchmarks.dimension",
+    "benchmarks.item_towers",
 ]
 
 RESERVED_NAMES = frozenset({"all", "list"})
