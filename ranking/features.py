@@ -34,6 +34,7 @@ from simenv.log import ImpressionLog
 from simenv.types import Columns, EventType, ItemCatalog, Obs
 
 __all__ = [
+    "f64",
     "ATTRIBUTE_FEATURES",
     "ITEM_FEATURES",
     "STAT_FEATURES",
@@ -72,6 +73,19 @@ STAT_FEATURES = (
 )
 
 _N_RAW = 6  # raw per-attribute sums: count, likes, dislikes, decay short, decay long, recent
+
+
+def f64(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` evaluated in float64 and rounded once to float32.
+
+    Vectorised and scalar (tail) float32 kernels of transcendental functions may differ in the
+    last bit, so a float32 ``log1p`` of a value could depend on where the value sits in a
+    tensor, hence on the batch around it. Rounding a float64 result once removes that (a
+    float32 mismatch would need two float64 results one ulp apart to straddle a float32
+    rounding boundary). Every transcendental function of a feature goes through here, which
+    makes scores independent of batch composition and the two scoring paths bitwise equal.
+    """
+    return fn(x.double()).float()
 
 
 def check_obs(obs: dict[str, np.ndarray], n_items: int) -> int:
@@ -365,7 +379,7 @@ class CrossFeatures:
         r = min(self.recent_events, length)
         recent[:, length - r :] = 1.0
         recent *= m  # last R slots that hold real events
-        short = torch.exp2(-dt / self.short_half_life) * m  # 2^(-dt / h_short)
+        short = f64(torch.exp2, -dt / self.short_half_life) * m  # 2^(-dt / h_short)
         like = (events == EventType.LIKE).float() * m
         dislike = (events == EventType.DISLIKE).float() * m
         hist = torch.where(mask, items, torch.full_like(items, -1))
@@ -375,7 +389,7 @@ class CrossFeatures:
         keys = self.keys[safe.reshape(-1)].view(b, length, -1)  # (B, L, A)
         slot_keys = torch.where(mask[:, :, None], keys, torch.full_like(keys, -1))
         if self.attributes:
-            long = torch.exp2(-dt / self.long_half_life) * m
+            long = f64(torch.exp2, -dt / self.long_half_life) * m
             raw_w = torch.stack([m, like, dislike, short, long, recent], dim=-1)  # (B, L, 6)
             a = keys.shape[-1]
             flat = keys + (torch.arange(b) * self.n_values).view(b, 1, 1)  # (B, L, A) row-major
@@ -386,7 +400,7 @@ class CrossFeatures:
             raw = raw.view(b, self.n_values, _N_RAW)
             n_events = m.sum(dim=1).clamp_min(1.0)  # (B,)
             attr = torch.empty(b, self.n_values, len(ATTRIBUTE_FEATURES))
-            torch.log1p(raw[..., :5], out=attr[..., :5])  # counts, likes, dislikes, decays
+            attr[..., :5] = f64(torch.log1p, raw[..., :5])  # counts, likes, dislikes, decays
             attr[..., 5] = raw[..., 5] / float(max(r, 1))
             attr[..., 6] = raw[..., 0] / n_events[:, None]
         return UserTables(attr, hist, item_weights, obs[Obs.CONTEXT][:, 0].float(), slot_keys)
@@ -405,11 +419,7 @@ class CrossFeatures:
         return self._csr[j]
 
     def log_age(self, time: torch.Tensor, release: torch.Tensor) -> torch.Tensor:
-        """``log(1 + max(time - release, 0))`` (broadcast), float32 computed in float64.
-
-        Rounding a float64 result once makes the value the same wherever the pair sits in a
-        tensor (vectorised and scalar float32 ``log1p`` may differ in the last bit).
-        """
+        """``log(1 + max(time - release, 0))`` (broadcast), float32 computed in float64 (:func:`f64`)."""
         age = time.double() - release.double()
         return torch.log1p(age.clamp_min_(0.0)).float()
 
@@ -428,9 +438,7 @@ class CrossFeatures:
         """Item-level features of candidates (B, K) into ``out`` (B, K, 5), by comparison."""
         eq = (cand[:, :, None] == tables.items[:, None, :]).float()  # (B, K, L)
         w = tables.item_weights  # (B, L, 4)
-        # log(1 + count) in float64, rounded: identical wherever the pair sits in a tensor
-        # (vectorised and scalar float32 log1p may differ in the last bit)
-        out[..., 0] = torch.log1p(eq.sum(dim=2).double()).float()
+        out[..., 0] = f64(torch.log1p, eq.sum(dim=2))  # see f64
         out[..., 1] = (eq * w[:, None, :, 0]).sum(dim=2) / float(max(self.recent_events, 1))
         out[..., 2] = (eq * w[:, None, :, 1]).amax(dim=2)  # a maximum: exact in any order
         out[..., 3] = (eq * w[:, None, :, 2]).amax(dim=2)

@@ -71,6 +71,7 @@ from ranking.features import (
     CrossFeatures,
     ItemStatistics,
     check_obs,
+    f64,
 )
 from simenv.types import EventType, ItemCatalog, Obs
 
@@ -78,7 +79,12 @@ __all__ = ["HEADS", "RankerConfig", "Ranker", "benchmark_score_all"]
 
 HEADS = ("click", "like", "dislike", "watch")
 _TABLE_BUDGET = 1 << 23  # floats of per-row cross tables held at once (rows are chunked by it)
-_MIN_OUT = 4  # output columns padded to at least this many (see Ranker._linear)
+# BLAS picks other kernels (another summation order) for a single output column and for
+# small matrices, so a row's result could depend on how many rows share the call: every matmul
+# here gets at least _MIN_OUT output columns and _MIN_ROWS rows (zero padding), which makes
+# scores independent of the batch around them and the two scoring paths bitwise equal
+_MIN_OUT = 4
+_MIN_ROWS = 64
 
 
 def _check(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
@@ -217,11 +223,17 @@ def _buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...])
     return buf[:numel].view(shape)
 
 
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (M, K) with zero rows appended up to ``_MIN_ROWS`` (unchanged if M is larger)."""
+    m = x.shape[0]
+    if m >= _MIN_ROWS:
+        return x
+    return torch.cat([x, x.new_zeros(_MIN_ROWS - m, *x.shape[1:])], dim=0)
+
+
 def _matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-    """``x @ w_t`` (M, K) x (K, n) with row results independent of M (a single row is padded)."""
-    if x.shape[0] >= 2:
-        return x @ w_t
-    return (torch.cat([x, x], dim=0) @ w_t)[: x.shape[0]]
+    """``x @ w_t`` (M, K) x (K, n) with row results independent of M (see ``_MIN_ROWS``)."""
+    return (_pad_rows(x) @ w_t)[: x.shape[0]]
 
 
 def _first_occurrence(keys: torch.Tensor) -> torch.Tensor:
@@ -415,8 +427,9 @@ class Ranker(nn.Module):
                     if lin.bias is not None:
                         lin.bias.zero_()
             for lin in self.cross_layers:
-                # start near the identity map x_{l+1} = x_l (small W, zero b)
-                lin.weight.normal_(0.0, 0.1 / math.sqrt(lin.in_features), generator=g)
+                # W ~ N(0, 1 / fan_in), b = 0: x_1 = x0 * (W x0) + x0 starts with products of
+                # the user and item parts at unit scale (learns the match faster than W ~ 0)
+                lin.weight.normal_(0.0, 1.0 / math.sqrt(lin.in_features), generator=g)
                 lin.bias.zero_()
         self.invalidate_cache()
 
@@ -503,21 +516,17 @@ class Ranker(nn.Module):
     # ------------------------------------------------------------------ towers
     @staticmethod
     def _linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
-        """``lin(x)`` for 2-D x with row results that do not depend on the number of rows.
+        """``lin(x)`` for 2-D x with row results independent of the number of rows.
 
-        BLAS kernels switch to a matrix-vector routine (another summation order) for a single
-        row or a single output column; padding those cases keeps every row's result identical
-        whether it is computed among 3 rows or among 16,384.
+        See ``_MIN_ROWS`` and ``_MIN_OUT``: small inputs are padded with zero rows, layers with
+        fewer than four outputs with zero columns.
         """
         w, b = lin.weight, lin.bias
         m, n_out = x.shape[0], w.shape[0]
-        if m >= 2 and n_out >= _MIN_OUT:
-            return F.linear(x, w, b)
-        xp = x if m >= 2 else torch.cat([x, x], dim=0)
         if n_out < _MIN_OUT:
             w = torch.cat([w, w.new_zeros(_MIN_OUT - n_out, w.shape[1])], dim=0)
             b = None if b is None else torch.cat([b, b.new_zeros(_MIN_OUT - n_out)])
-        return F.linear(xp, w, b)[:m, :n_out]
+        return F.linear(_pad_rows(x), w, b)[:m, :n_out]
 
     def _mlp(self, x: torch.Tensor, seq: nn.Sequential) -> torch.Tensor:
         shape = x.shape[:-1]
@@ -582,15 +591,18 @@ class Ranker(nn.Module):
         n_ev = counts[:, 0, 0]
         last_dt = torch.where(mask[:, -1], dt[:, -1], torch.zeros_like(dt[:, -1]))
         scalars = [
-            torch.log1p(n_ev),
+            f64(torch.log1p, n_ev),
             counts[:, 2, 0] / n_ev.clamp_min(1.0),  # like share
             counts[:, 3, 0] / n_ev.clamp_min(1.0),  # dislike share
-            torch.exp2(-last_dt / c.short_half_life) * mask[:, -1].float(),  # recency of the last
+            f64(torch.exp2, -last_dt / c.short_half_life) * mask[:, -1].float(),  # last event
             (n_ev > 0).float(),
         ]
         if c.use_context:
             ctx = obs[Obs.CONTEXT]
-            scalars += [torch.log1p(ctx[:, 1].clamp_min(0)), torch.log1p(ctx[:, 2].clamp_min(0))]
+            scalars += [
+                f64(torch.log1p, ctx[:, 1].clamp_min(0)),
+                f64(torch.log1p, ctx[:, 2].clamp_min(0)),
+            ]
         x = torch.cat([pools.reshape(b, -1), torch.stack(scalars, dim=1)], dim=1)
         return self._mlp(x, self.user_mlp)
 
@@ -667,16 +679,16 @@ class Ranker(nn.Module):
         """Inference form of :meth:`_pair_net` on assembled ``x0`` (M, H) ``[x0; 1]``.
 
         Every step writes into ``buffers`` (fresh multi-megabyte tensors per block cost page
-        faults that rival the small matmuls) and uses only matmuls with at least two rows and
-        four output columns, adds, multiplies and ReLU: operations whose result for a row does
-        not depend on the other rows, so the candidate and full-catalog paths agree bitwise.
+        faults that rival the small matmuls) and uses only matmuls with at least ``_MIN_ROWS``
+        rows and ``_MIN_OUT`` output columns, adds, multiplies and ReLU: operations whose result
+        for a row does not depend on the other rows, so the candidate and full-catalog paths
+        agree bitwise.
 
         Returns:
             (M, n_heads) head outputs (a view into ``buffers``).
         """
         m = x0.shape[0]
-        if m == 1:  # a matrix-vector product would sum in another order: duplicate the row
-            x0 = x0.expand(2, -1).contiguous()
+        x0 = _pad_rows(x0)  # small blocks: zero rows up to _MIN_ROWS (BLAS small-matrix kernels)
         mm = x0.shape[0]
         x = x0
         for j, (kind, w, b) in enumerate(layers):
@@ -1024,36 +1036,42 @@ def benchmark_score_all(
 ) -> dict[str, float]:
     """Time :meth:`Ranker.score_all` on ``threads`` torch threads; print and return pairs/s.
 
-    One warm-up call (fills the item cache) precedes ``repeats`` timed calls; the figure is
-    ``B * N`` pairs over the median call time.
+    One warm-up call (fills the item cache) precedes ``repeats`` timed calls. ``pairs_per_s``
+    is ``B * N`` pairs over the median wall time of a call; ``pairs_per_cpu_s`` over the
+    median process CPU time, which other processes on a shared machine do not inflate (with
+    one thread the two agree on an idle machine).
 
     Returns:
-        ``{"pairs_per_s", "seconds_per_call", "users", "items", "threads", "repeats"}``.
+        ``{"pairs_per_s", "pairs_per_cpu_s", "seconds_per_call", "cpu_seconds_per_call",
+        "users", "items", "threads", "repeats"}``.
     """
-    if not isinstance(repeats, int) or repeats < 1:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    if not isinstance(threads, int) or threads < 1:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
     before = torch.get_num_threads()
+    was_training = ranker.training
     torch.set_num_threads(threads)
     try:
-        was_training = ranker.training
         ranker.eval()
         ranker.score_all(obs)
-        times = []
+        wall, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             ranker.score_all(obs)
-            times.append(time.perf_counter() - t0)
-        if was_training:
-            ranker.train()
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
     finally:
         torch.set_num_threads(before)
+        ranker.train(was_training)
     b = int(np.shape(obs[Obs.ITEMS])[0])
-    sec = float(np.median(times))
+    pairs = b * ranker.n_items
+    sec, csec = float(np.median(wall)), float(np.median(cpu))
     res = {
-        "pairs_per_s": b * ranker.n_items / sec,
+        "pairs_per_s": pairs / sec,
+        "pairs_per_cpu_s": pairs / max(csec, 1e-9),
         "seconds_per_call": sec,
+        "cpu_seconds_per_call": csec,
         "users": float(b),
         "items": float(ranker.n_items),
         "threads": float(threads),
@@ -1061,7 +1079,8 @@ def benchmark_score_all(
     }
     if verbose:
         print(
-            f"score_all: {res['pairs_per_s'] / 1e6:.2f} M pairs/s "
+            f"score_all: {res['pairs_per_s'] / 1e6:.2f} M pairs/s wall, "
+            f"{res['pairs_per_cpu_s'] / 1e6:.2f} M pairs/s CPU time "
             f"({b} users x {ranker.n_items} items in {sec * 1e3:.1f} ms, {threads} thread(s))"
         )
     return res
