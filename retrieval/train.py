@@ -38,6 +38,7 @@ from retrieval.distributed import is_distributed
 from retrieval.frequency import CountMinSketch, ExactItemFrequency
 from retrieval.losses import RetrievalLossConfig, build_loss
 from retrieval.model import TwoTowerModel
+from retrieval.towers.item import IDItemTower
 from simenv.log import ImpressionLog
 from simenv.types import Obs
 
@@ -75,6 +76,12 @@ class TrainConfig:
         sketch_width: count-min width.
         sketch_depth: count-min depth.
         threads: ``torch.set_num_threads`` during training (None: leave as is).
+        sparse_embeddings: give the ID item towers' tables sparse gradients for the run
+            (``nn.Embedding.sparse``, restored afterwards), as ``ItemTowerConfig(sparse=True)``
+            does for good. Every sparse table is stepped by ``torch.optim.SparseAdam`` (lazy
+            Adam: only the rows in the batch move, and their moments are updated only then),
+            the dense parameters by AdamW. Needs ``weight_decay == 0`` (SparseAdam has none)
+            and a single process.
         seed: seed of initial shuffles and sampled negatives.
         progress: show a tqdm bar.
         checkpoint_dir: write ``best.pt`` there (atomically) when validation improves.
@@ -95,6 +102,7 @@ class TrainConfig:
     sketch_width: int = 4096
     sketch_depth: int = 4
     threads: int | None = None
+    sparse_embeddings: bool = False
     seed: int = 0
     progress: bool = True
     checkpoint_dir: str | None = None
@@ -129,6 +137,13 @@ class TrainConfig:
             raise ValueError(f"frequency must be 'exact' or 'sketch', got {self.frequency!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be None or an integer >= 1, got {self.threads!r}")
+        if not isinstance(self.sparse_embeddings, bool):
+            raise ValueError(f"sparse_embeddings must be a bool, got {self.sparse_embeddings!r}")
+        if self.sparse_embeddings and self.weight_decay > 0:
+            raise ValueError(
+                f"weight_decay must be 0 with sparse_embeddings=True (SparseAdam has no weight "
+                f"decay), got {self.weight_decay!r}"
+            )
         if self.max_examples_per_epoch is not None and self.max_examples_per_epoch < 1:
             raise ValueError(
                 f"max_examples_per_epoch must be None or >= 1, got {self.max_examples_per_epoch}"
@@ -287,9 +302,17 @@ def fit_two_tower(
     old_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    made_sparse = []  # ID tables switched to sparse gradients for this run only
+    if cfg.sparse_embeddings:
+        for m in model.modules():
+            if isinstance(m, IDItemTower) and not m.embedding.sparse:
+                m.embedding.sparse = True
+                made_sparse.append(m.embedding)
     try:
         return _fit(model, loss_config, train_log, sequences, cfg, valid, release_time, n_items, extra, extra_weight)
     finally:
+        for emb in made_sparse:
+            emb.sparse = False
         if cfg.threads is not None:
             torch.set_num_threads(old_threads)
 
@@ -343,7 +366,20 @@ def _fit(
             torch.distributed.broadcast(t, src=0)
     params = [p for p in model.parameters() if p.requires_grad]
     temp = {id(p) for p in model.similarity.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in temp]}]
+    # Tables with sparse gradients go to SparseAdam (AdamW rejects sparse gradients).
+    sparse = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse and m.weight.requires_grad
+    }
+    if sparse and world > 1:
+        raise ValueError("sparse embedding gradients are not supported under torch.distributed")
+    if sparse and cfg.weight_decay > 0:
+        raise ValueError(
+            f"weight_decay must be 0 with sparse embedding tables (SparseAdam has no weight "
+            f"decay), got {cfg.weight_decay!r}"
+        )
+    groups = [{"params": [p for p in params if id(p) not in temp and id(p) not in sparse]}]
     if temp:
         groups.append(
             {
@@ -352,7 +388,12 @@ def _fit(
                 "weight_decay": 0.0,
             }
         )
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    opts: list[torch.optim.Optimizer] = []
+    if groups:
+        opts.append(torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    if sparse:
+        opts.append(torch.optim.SparseAdam([p for p in params if id(p) in sparse], lr=cfg.lr))
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7]))
     result = TrainResult(frequency=freq)
@@ -385,7 +426,8 @@ def _fit(
                     loss = (1.0 - extra_weight) * loss + extra_weight * extra(model, rng, gen)
             else:
                 loss = extra(model, rng, gen)
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:  # data parallel: average gradients over processes (what DDP does)
                 for p in params:
@@ -394,8 +436,12 @@ def _fit(
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
             if cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+                if sparse:
+                    _clip_grad_norm_sparse(params, cfg.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            for opt in opts:
+                opt.step()
             tot += loss.item() * rows.size
             seen += rows.size
             if model.similarity.config.learnable_temperature:
@@ -438,6 +484,35 @@ def _fit(
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+@torch.no_grad()
+def _clip_grad_norm_sparse(params: list[nn.Parameter], max_norm: float) -> None:
+    """``clip_grad_norm_`` (2-norm over all gradients) that also accepts sparse gradients.
+
+    Sparse gradients are coalesced first (a table looked up twice holds duplicate rows, and
+    the norm is that of the summed rows); torch's own function rejects sparse tensors.
+    """
+    sq = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            sq.append(p.grad._values().pow(2).sum())
+        else:
+            sq.append(p.grad.pow(2).sum())
+    if not sq:
+        return
+    total = torch.stack(sq).sum().sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad._values().mul_(coef)
+        else:
+            p.grad.mul_(coef)
 
 
 def _targets_of(data: Any, rows: np.ndarray, impression: bool, causal: bool) -> np.ndarray:

@@ -56,6 +56,9 @@ class ItemTowerConfig:
             the result is then projected to ``dim``.
         n_items: catalog size for an ``"id"`` tower built without a catalog.
         seed: seed of the tower's own parameter initialisation.
+        sparse: ``"id"`` only: the embedding table returns sparse gradients
+            (``nn.Embedding(sparse=True)``), so a step touches only the rows in the batch;
+            :func:`retrieval.train.fit_two_tower` then steps the table with ``SparseAdam``.
     """
 
     kind: str = "id"
@@ -67,6 +70,7 @@ class ItemTowerConfig:
     combine: str = "sum"
     n_items: int | None = None
     seed: int = 0
+    sparse: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ITEM_TOWER_KINDS:
@@ -98,6 +102,10 @@ class ItemTowerConfig:
             check_positive_int("n_items", self.n_items)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.sparse, bool):
+            raise ValueError(f"sparse must be a bool, got {self.sparse!r}")
+        if self.sparse and self.kind != "id":
+            raise ValueError(f"sparse=True is only for kind='id', got kind={self.kind!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-friendly) of the config, parts included."""
@@ -200,15 +208,17 @@ class IDItemTower(ItemTower):
     """Trainable ID embedding: one free vector per item (lecture: "Обучаемые эмбединги").
 
     Most expressive, transductive: an item never trained keeps its random init vector.
+    With ``sparse=True`` the table's gradient is a sparse tensor over the rows looked up
+    (see :class:`ItemTowerConfig`).
     """
 
-    def __init__(self, n_items: int, dim: int, seed: int = 0) -> None:
+    def __init__(self, n_items: int, dim: int, seed: int = 0, sparse: bool = False) -> None:
         super().__init__()
         self.n_items = check_positive_int("n_items", n_items)
         self.dim = check_positive_int("dim", dim)
         self.seed = seed
         with torch.random.fork_rng(devices=[]):  # module construction must not move the global RNG
-            self.embedding = nn.Embedding(n_items, dim)
+            self.embedding = nn.Embedding(n_items, dim, sparse=bool(sparse))
         self._init_from_seed(seed)
 
     def _encode(self, ids: torch.Tensor) -> torch.Tensor:
@@ -216,7 +226,13 @@ class IDItemTower(ItemTower):
 
     def get_config(self) -> ItemTowerConfig:
         """See :meth:`ItemTower.get_config`."""
-        return ItemTowerConfig(kind="id", dim=self.dim, n_items=self.n_items, seed=self.seed)
+        return ItemTowerConfig(
+            kind="id",
+            dim=self.dim,
+            n_items=self.n_items,
+            seed=self.seed,
+            sparse=bool(self.embedding.sparse),
+        )
 
 
 class BagOfWordsItemTower(ItemTower):
@@ -394,7 +410,7 @@ def build_item_tower(config: ItemTowerConfig, catalog: ItemCatalog | None) -> It
                 f"config.n_items={config.n_items} does not match catalog.n_items={catalog.n_items}"
             )
         n = catalog.n_items if catalog is not None else config.n_items
-        return IDItemTower(int(n), config.dim, seed=config.seed)
+        return IDItemTower(int(n), config.dim, seed=config.seed, sparse=config.sparse)
     if catalog is None:
         raise ValueError(f"an item tower of kind={config.kind!r} needs a catalog, got None")
     if config.kind == "bow":
