@@ -74,6 +74,7 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.similarity",
     "benchmarks.dimension",
     "benchmarks.item_towers",
+    "benchmarks.user_towers",
 ]
 
 RESERVED_NAMES = frozenset({"all", "list"})
