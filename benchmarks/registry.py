@@ -70,14 +70,12 @@ __all__ = [
 EXPERIMENT_MODULES: list[str] = [
     "benchmarks.perf_env",
     "benchmarks.losses",
-    "benchmarks.consistency",
     "benchmarks.folding",
     "benchmarks.similarity",
     "benchmarks.dimension",
     "benchmarks.item_towers",
     "benchmarks.user_towers",
     "benchmarks.baselines",
-    "benchmarks.perf",
 ]
 
 RESERVED_NAMES = frozenset({"all", "list"})
