@@ -42,6 +42,7 @@ __all__ = [
     "CrossFeatures",
     "UserTables",
     "check_obs",
+    "first_occurrence",
 ]
 
 # per-attribute cross features (one block per categorical attribute), in column order
@@ -256,35 +257,45 @@ class ItemStatistics:
 # ---------------------------------------------------------------------------- crosses
 @dataclass(frozen=True, eq=False)
 class UserTables:
-    """Per-request tables from which the cross features of any item are gathered.
+    """Per-request summaries of the history from which any item's cross features follow.
+
+    A row's history holds at most L distinct values of an attribute, so the per-value features
+    are kept per history slot: ``slot_features[b, a, l]`` are the features of the value of
+    attribute ``a`` at slot ``l`` (aggregated over every slot with that value), and
+    ``first_keys[b, l, a]`` marks the first slot of each distinct value. An item whose value
+    occurs in the history takes the features of that slot; any other item has all-zero
+    features there (no engagement with that value).
 
     Attributes:
-        attr: float32 (B, C, 7) transformed per-value features of every attribute value
-            (the attributes' value ranges are laid end to end: ``C = sum of cardinalities``);
-            ``None`` when no attribute cross is enabled.
+        slot_features: float32 (B, A, L, 7) :data:`ATTRIBUTE_FEATURES` of each slot's value
+            (zeros on padding).
+        first_keys: int64 (B, L, A) offset value ids where the slot holds the first occurrence
+            of its value in the row, -1 elsewhere and on padding.
         items: int64 (B, L) history item ids (-1 on padding).
         item_weights: float32 (B, L, 4) per history event: recent (last R) flag, short-decay
             weight, like flag, dislike flag (0 on padding).
         time: float32 (B,) query time.
-        slot_keys: int64 (B, L, A) offset attribute value ids of each history event (-1 on
-            padding).
     """
 
-    attr: torch.Tensor | None
+    slot_features: torch.Tensor
+    first_keys: torch.Tensor
     items: torch.Tensor
     item_weights: torch.Tensor
     time: torch.Tensor
-    slot_keys: torch.Tensor
 
-    def rows(self, sl: slice) -> UserTables:
-        """The tables of rows ``sl``."""
-        return UserTables(
-            None if self.attr is None else self.attr[sl],
-            self.items[sl],
-            self.item_weights[sl],
-            self.time[sl],
-            self.slot_keys[sl],
-        )
+
+def first_occurrence(keys: torch.Tensor) -> torch.Tensor:
+    """Keep a key only at its first occurrence along L.
+
+    Returns ``keys`` (B, L, ...) where the slot holds the first occurrence of its key in the
+    row, else -1 (negative keys stay -1).
+    """
+    same = keys[:, :, None] == keys[:, None, :]  # (B, L, L, ...)
+    length = keys.shape[1]
+    earlier = torch.ones(length, length, dtype=torch.bool).tril(-1)  # l' < l
+    earlier = earlier.view(1, length, length, *([1] * (keys.dim() - 2)))
+    dup = (same & earlier).any(dim=2)
+    return torch.where(dup | (keys < 0), torch.full_like(keys, -1), keys)
 
 
 class CrossFeatures:
@@ -294,11 +305,11 @@ class CrossFeatures:
     :data:`ATTRIBUTE_FEATURES` block; then the :data:`ITEM_FEATURES` block if ``"item"`` is
     enabled; then ``age_log`` (``log(1 + max(t - release, 0))``) if ``"age"`` is enabled.
 
-    Per-user work is a scatter of the L history events into a (B, C, 6) table; per-pair work is
-    one gather from it (plus the item-level and age columns). The full-catalog path
-    (:meth:`catalog`) and the candidate path (:meth:`pairs`) compute every value with the same
-    arithmetic (gathers, integer-valued sums, maxima and the same elementwise ops), so both give
-    bitwise the same features for the same (request, item).
+    Per-user work is O(L^2) per attribute (each slot aggregates the slots with the same value);
+    per-pair work is a comparison of the item's value with the L first-occurrence keys and a
+    copy of the matching slot's features. Every value is a copy of one per-slot number, an
+    integer-valued sum, a maximum or an elementwise function of the pair alone, so the
+    full-catalog form (:meth:`catalog`) and the candidate form (:meth:`pairs`) agree bitwise.
 
     Args:
         catalog: the public item content.
@@ -332,20 +343,18 @@ class CrossFeatures:
         self.long_half_life = float(long_half_life)
         cols = [names.index(a) for a in self.attributes]
         cards = [int(catalog.categorical_cardinalities[j]) for j in cols]
-        offsets = np.r_[0, np.cumsum(cards)].astype(np.int64)
-        self.n_values = int(offsets[-1])  # C
-        keys = catalog.categorical[:, cols].astype(np.int64) + offsets[:-1][None, :]  # (N, A)
-        if keys.size and (
-            catalog.categorical[:, cols].min() < 0
-            or np.any(catalog.categorical[:, cols] >= np.asarray(cards)[None, :])
-        ):
+        values = catalog.categorical[:, cols].astype(np.int64)  # (N, A)
+        if values.size and (values.min() < 0 or np.any(values >= np.asarray(cards)[None, :])):
             raise ValueError("catalog categorical ids must lie in [0, cardinality)")
-        self.keys = torch.from_numpy(np.ascontiguousarray(keys))  # (N, A) offset value ids
+        offsets = np.r_[0, np.cumsum(cards)].astype(np.int64)
+        self.n_values = int(offsets[-1])  # C: the attributes' value ranges laid end to end
+        keys = values + offsets[:-1][None, :]  # (N, A) offset value ids
+        self.keys = torch.from_numpy(np.ascontiguousarray(keys))
         self.cardinalities = tuple(cards)
         self.offsets = tuple(int(o) for o in offsets[:-1])
-        self._csr: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.release = torch.from_numpy(catalog.release_time.astype(np.float32))  # (N,)
         self.n_items = catalog.n_items
+        self._csr: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ layout
     @property
@@ -356,6 +365,11 @@ class CrossFeatures:
             + (len(ITEM_FEATURES) if self.use_item else 0)
             + int(self.use_age)
         )
+
+    @property
+    def n_attribute_features(self) -> int:
+        """Columns of the attribute blocks (the leading columns)."""
+        return len(self.attributes) * len(ATTRIBUTE_FEATURES)
 
     def names(self) -> list[str]:
         """Column names, e.g. ``topic.log_count``, ``item.recency``, ``age_log``."""
@@ -368,7 +382,7 @@ class CrossFeatures:
 
     # ------------------------------------------------------------------ user side
     def user_tables(self, obs: dict[str, torch.Tensor]) -> UserTables:
-        """Scatter each row's history into its per-value table (B, C, 7) and event weights."""
+        """Per-slot features of each row's history (see :class:`UserTables`)."""
         items = obs[Obs.ITEMS]  # (B, L)
         mask = obs[Obs.MASK] > 0  # (B, L)
         events = obs[Obs.EVENTS]
@@ -384,32 +398,50 @@ class CrossFeatures:
         dislike = (events == EventType.DISLIKE).float() * m
         hist = torch.where(mask, items, torch.full_like(items, -1))
         item_weights = torch.stack([recent, short, like, dislike], dim=-1)  # (B, L, 4)
-        attr = None
+        a = len(self.attributes)
         safe = torch.where(mask, items, torch.zeros_like(items))
-        keys = self.keys[safe.reshape(-1)].view(b, length, -1)  # (B, L, A)
-        slot_keys = torch.where(mask[:, :, None], keys, torch.full_like(keys, -1))
-        if self.attributes:
+        k = self.keys[safe].permute(0, 2, 1)  # (B, A, L)
+        k = torch.where(mask[:, None, :], k, torch.full_like(k, -1))
+        feats = torch.zeros(b, a, length, len(ATTRIBUTE_FEATURES))
+        first = k
+        if a:
+            same = k[:, :, :, None] == k[:, :, None, :]  # (B, A, L, L')
+            earlier = torch.ones(length, length, dtype=torch.bool).tril(-1)  # l' < l
+            first = torch.where((same & earlier).any(dim=-1) | (k < 0), torch.full_like(k, -1), k)
             long = f64(torch.exp2, -dt / self.long_half_life) * m
             raw_w = torch.stack([m, like, dislike, short, long, recent], dim=-1)  # (B, L, 6)
-            a = keys.shape[-1]
-            flat = keys + (torch.arange(b) * self.n_values).view(b, 1, 1)  # (B, L, A) row-major
-            raw = torch.zeros(b * self.n_values, _N_RAW)
-            # serial scatter-add over the L events of each row (same order in every path)
-            src = raw_w[:, :, None, :].expand(b, length, a, _N_RAW).reshape(-1, _N_RAW)
-            raw.index_add_(0, flat.reshape(-1), src)
-            raw = raw.view(b, self.n_values, _N_RAW)
+            # each slot sums the events of every slot with its value: (B, A, L, 6)
+            raw = torch.matmul(same.float(), raw_w[:, None]) * m[:, None, :, None]
             n_events = m.sum(dim=1).clamp_min(1.0)  # (B,)
-            attr = torch.empty(b, self.n_values, len(ATTRIBUTE_FEATURES))
-            attr[..., :5] = f64(torch.log1p, raw[..., :5])  # counts, likes, dislikes, decays
-            attr[..., 5] = raw[..., 5] / float(max(r, 1))
-            attr[..., 6] = raw[..., 0] / n_events[:, None]
-        return UserTables(attr, hist, item_weights, obs[Obs.CONTEXT][:, 0].float(), slot_keys)
+            feats[..., :5] = f64(torch.log1p, raw[..., :5])  # counts, likes, dislikes, decays
+            feats[..., 5] = raw[..., 5] / float(max(r, 1))
+            feats[..., 6] = raw[..., 0] / n_events[:, None, None]
+        return UserTables(
+            feats,
+            first.permute(0, 2, 1).contiguous(),
+            hist,
+            item_weights,
+            obs[Obs.CONTEXT][:, 0].float(),
+        )
+
+    def value_table(self, tables: UserTables, j: int) -> torch.Tensor:
+        """Features (B, C_j, 7) of every value of attribute ``j``.
+
+        The per-slot features written at their values (exact copies); zeros for the values
+        that are not in the history.
+        """
+        b, length = tables.items.shape
+        out = torch.zeros(b, self.cardinalities[j], len(ATTRIBUTE_FEATURES))
+        keys = tables.first_keys[:, :, j]  # (B, L)
+        bb, ll = (keys >= 0).nonzero(as_tuple=True)
+        out[bb, keys[bb, ll] - self.offsets[j]] = tables.slot_features[bb, j, ll]
+        return out
 
     def value_items(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Items of each value of attribute ``j`` (CSR): ``(starts (C_j + 1,), items)``.
 
         ``items[starts[v]:starts[v + 1]]`` are the item ids whose attribute ``j`` is ``v``
-        (offset ids ``self.offsets[j] + v``), in increasing order.
+        (offset id ``self.offsets[j] + v``), in increasing order.
         """
         if j not in self._csr:
             v = (self.keys[:, j] - self.offsets[j]).numpy()
@@ -419,73 +451,59 @@ class CrossFeatures:
         return self._csr[j]
 
     def log_age(self, time: torch.Tensor, release: torch.Tensor) -> torch.Tensor:
-        """``log(1 + max(time - release, 0))`` (broadcast), float32 computed in float64 (:func:`f64`)."""
+        """``log(1 + max(time - release, 0))`` (broadcast), float32 via float64 (:func:`f64`)."""
         age = time.double() - release.double()
         return torch.log1p(age.clamp_min_(0.0)).float()
 
     # ------------------------------------------------------------------ pair side
-    @property
-    def n_attribute_features(self) -> int:
-        """Columns of the attribute block (the leading columns)."""
-        return len(self.attributes) * len(ATTRIBUTE_FEATURES)
+    def match(
+        self, tables: UserTables, j: int, cand: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pairs (B, K) whose attribute ``j`` value occurs in the row's history.
 
-    @property
-    def n_rest_features(self) -> int:
-        """Columns after the attribute block: the item-level block and the age."""
-        return self.n_features - self.n_attribute_features
+        Returns:
+            ``(row, column, slot)`` index vectors: candidate ``cand[row, column]`` has the value
+            first seen at history slot ``slot`` of its row.
+        """
+        ck = self.keys[cand, j]  # (B, K)
+        eq = ck[:, :, None] == tables.first_keys[:, None, :, j]  # (B, K, L): at most one hit
+        return eq.nonzero(as_tuple=True)
 
     def _item_block(self, tables: UserTables, cand: torch.Tensor, out: torch.Tensor) -> None:
         """Item-level features of candidates (B, K) into ``out`` (B, K, 5), by comparison."""
         eq = (cand[:, :, None] == tables.items[:, None, :]).float()  # (B, K, L)
         w = tables.item_weights  # (B, L, 4)
-        out[..., 0] = f64(torch.log1p, eq.sum(dim=2))  # see f64
+        out[..., 0] = f64(torch.log1p, eq.sum(dim=2))  # integer-valued sum: exact in any order
         out[..., 1] = (eq * w[:, None, :, 0]).sum(dim=2) / float(max(self.recent_events, 1))
         out[..., 2] = (eq * w[:, None, :, 1]).amax(dim=2)  # a maximum: exact in any order
         out[..., 3] = (eq * w[:, None, :, 2]).amax(dim=2)
         out[..., 4] = (eq * w[:, None, :, 3]).amax(dim=2)
 
-    def pair_parts(
-        self, tables: UserTables, cand: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Cross features of candidates ``cand`` (B, K) (valid ids only), as two blocks.
-
-        Returns:
-            ``(attr (B, K, n_attribute_features), rest (B, K, n_rest_features))``; ``None``
-            for an empty block.
-        """
-        b, k = cand.shape
-        attr = rest = None
-        if self.attributes:
-            keys = self.keys[cand]  # (B, K, A)
-            rows = torch.arange(b).view(b, 1, 1)
-            attr = tables.attr[rows, keys].reshape(b, k, -1)  # (B, K, A * 7)
-        if self.n_rest_features:
-            rest = torch.empty(b, k, self.n_rest_features)
-            if self.use_item:
-                self._item_block(tables, cand, rest[..., : len(ITEM_FEATURES)])
-            if self.use_age:
-                rest[..., -1] = self.log_age(tables.time[:, None], self.release[cand])
-        return attr, rest
-
-    def pairs(self, tables: UserTables, cand: torch.Tensor) -> torch.Tensor:
-        """Cross features (B, K, F) of candidates ``cand`` (B, K) (valid ids only)."""
-        attr, rest = self.pair_parts(tables, cand)
-        parts = [p for p in (attr, rest) if p is not None]
-        if not parts:
-            return torch.empty(*cand.shape, 0)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
     def history_values(self, tables: UserTables) -> torch.Tensor | None:
-        """Item-level features (B, L, 5) of each row's own history items (for :meth:`catalog`).
+        """Item-level features (B, L, 5) of each row's own history items.
 
-        Only history items have non-zero item-level features; computing them with the
-        candidate path's comparison (:meth:`pairs`) and writing them into the full-catalog
-        block keeps both paths bitwise equal.
+        Only history items have non-zero item-level features; these are the values any path
+        uses for them (computed with the comparison of :meth:`pairs`).
         """
         if not self.use_item:
             return None
         out = torch.empty(*tables.items.shape, len(ITEM_FEATURES))
         self._item_block(tables, tables.items.clamp_min(0), out)
+        return out
+
+    def pairs(self, tables: UserTables, cand: torch.Tensor) -> torch.Tensor:
+        """Cross features (B, K, F) of candidates ``cand`` (B, K) (valid ids only)."""
+        b, k = cand.shape
+        out = torch.zeros(b, k, self.n_features)
+        nf = len(ATTRIBUTE_FEATURES)
+        for j in range(len(self.attributes)):
+            r, c, slot = self.match(tables, j, cand)
+            out[r, c, j * nf : (j + 1) * nf] = tables.slot_features[r, j, slot]
+        na = self.n_attribute_features
+        if self.use_item:
+            self._item_block(tables, cand, out[..., na : na + len(ITEM_FEATURES)])
+        if self.use_age:
+            out[..., -1] = self.log_age(tables.time[:, None], self.release[cand])
         return out
 
     def catalog(
@@ -497,17 +515,20 @@ class CrossFeatures:
     ) -> torch.Tensor:
         """Cross features (B, n, F) of every item in ``[start, stop)`` for every row.
 
-        The reference full-catalog form of :meth:`pairs` (the ranker's fast path assembles the
-        same values block by block, see :class:`ranking.model.Ranker`). ``history_values`` is
-        :meth:`history_values` of ``tables`` (computed here if omitted).
+        The reference full-catalog form of :meth:`pairs`, through per-value tables (the
+        ranker's fast path assembles the same values block by block, see
+        :class:`ranking.model.Ranker`). ``history_values``: :meth:`history_values` of
+        ``tables`` (computed here if omitted).
         """
         b = tables.items.shape[0]
         n = stop - start
         out = torch.empty(b, n, self.n_features)
+        nf = len(ATTRIBUTE_FEATURES)
+        for j in range(len(self.attributes)):
+            table = self.value_table(tables, j)  # (B, C_j, 7)
+            v = self.keys[start:stop, j] - self.offsets[j]  # (n,)
+            out[..., j * nf : (j + 1) * nf] = table[:, v]
         na = self.n_attribute_features
-        if self.attributes:
-            keys = self.keys[start:stop]  # (n, A)
-            out[..., :na] = tables.attr[:, keys.reshape(-1)].reshape(b, n, na)
         if self.use_item:
             blk = out[..., na : na + len(ITEM_FEATURES)]
             blk.zero_()

@@ -72,13 +72,14 @@ from ranking.features import (
     ItemStatistics,
     check_obs,
     f64,
+    first_occurrence,
 )
 from simenv.types import EventType, ItemCatalog, Obs
 
 __all__ = ["HEADS", "RankerConfig", "Ranker", "benchmark_score_all"]
 
 HEADS = ("click", "like", "dislike", "watch")
-_TABLE_BUDGET = 1 << 23  # floats of per-row cross tables held at once (rows are chunked by it)
+_TABLE_BUDGET = 1 << 23  # floats of per-row joint tables held at once (rows are chunked by it)
 # BLAS picks other kernels (another summation order) for a single output column and for
 # small matrices, so a row's result could depend on how many rows share the call: every matmul
 # here gets at least _MIN_OUT output columns and _MIN_ROWS rows (zero padding), which makes
@@ -101,7 +102,10 @@ class RankerConfig:
     """Architecture and features of the ranker.
 
     Attributes:
-        hidden: H, width of ``x0``, of the cross layers and of the towers' outputs (>= 4).
+        hidden: H (>= 4), width of the pair network's input in the inference layout
+            ``[x0, 1]``: the pair vector ``x0`` has ``H - 1`` components, the towers' outputs
+            and the projected crosses ``H - 2`` of them plus the raw age (``H - 1`` without
+            the age cross). 32 keeps every per-pair vector at two AVX-512 registers.
         n_cross: number of DCN-v2 cross layers on the pair vector (0: none).
         mlp: widths (>= 4 each) of the ReLU layers after the cross layers.
         tower_hidden: width of the hidden layer of the user and the item MLP.
@@ -151,7 +155,7 @@ class RankerConfig:
     heads: tuple[str, ...] = ("click",)
     score_weights: tuple[float, ...] = (1.0,)
     stats_prior: float = 10.0
-    chunk_pairs: int = 8_192
+    chunk_pairs: int = 32_768
     joint_key_limit: int = 4_096
     seed: int = 0
 
@@ -234,15 +238,6 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
 def _matmul(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
     """``x @ w_t`` (M, K) x (K, n) with row results independent of M (see ``_MIN_ROWS``)."""
     return (_pad_rows(x) @ w_t)[: x.shape[0]]
-
-
-def _first_occurrence(keys: torch.Tensor) -> torch.Tensor:
-    """(B, L) ``keys`` where the slot holds the first occurrence of its key in the row, else -1."""
-    length = keys.shape[1]
-    same = keys[:, :, None] == keys[:, None, :]  # (B, L, L)
-    earlier = torch.ones(length, length, dtype=torch.bool).tril(-1)  # l' < l
-    dup = (same & earlier).any(dim=2)
-    return torch.where(dup | (keys < 0), torch.full_like(keys, -1), keys)
 
 
 @dataclass
@@ -407,6 +402,7 @@ class Ranker(nn.Module):
         key = torch.zeros(self.n_items, dtype=torch.int64)
         for ia in sorted(dense):
             key = key * cf.cardinalities[ia] + (cf.keys[:, ia] - cf.offsets[ia])
+        self._joint_size = prod
         return frozenset(dense), key
 
     # ------------------------------------------------------------------ parameters
@@ -694,7 +690,7 @@ class Ranker(nn.Module):
         for j, (kind, w, b) in enumerate(layers):
             name = f"layer{j % 2}" if kind.startswith("cross") else f"d{j}"
             y = _buffer(buffers, name, (mm, w.shape[0]))
-            if b is None:
+            if b is None or kind == "out":
                 torch.mm(x, w.t(), out=y)  # [W b] [x; 1]
             else:
                 torch.addmm(b, x, w.t(), out=y)
@@ -704,9 +700,10 @@ class Ranker(nn.Module):
                 x = y.mul_(x0).add_(x)  # DCN-v2 cross layer: x_{l+1} = x0 * (W x_l + b) + x_l
             elif kind == "deep":
                 x = y.relu_()
-            else:
-                x = y
-        return x[:m, : self.n_heads]
+            else:  # the output: its bias (if not folded) on the n_heads used columns only
+                x = y[:m, : self.n_heads]
+                return x if b is None else x + b[: self.n_heads]
+        raise AssertionError("the last layer is the output layer")  # pragma: no cover
 
     def combine(self, heads: torch.Tensor) -> torch.Tensor:
         """One score from the head outputs (..., n_heads) -> (...).
@@ -759,7 +756,8 @@ class Ranker(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def _row_chunk(self, b: int) -> int:
-        per_row = max(self.crosses.n_values * len(ATTRIBUTE_FEATURES), 1)
+        """Rows per chunk: the joint tables (J x H floats per row) stay within a budget."""
+        per_row = (int(self._joint_size) + 1) * self.config.hidden
         return max(1, min(b, _TABLE_BUDGET // per_row))
 
     def _prepare(self, obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -884,21 +882,19 @@ class Ranker(nn.Module):
         for ia in range(len(cf.attributes)):
             w_a = w[:, ia * nf : (ia + 1) * nf].t()  # (7, d_proj)
             if ia in self._dense:
-                off, card = cf.offsets[ia], cf.cardinalities[ia]
-                feats = tables.attr[:, off : off + card, :].reshape(-1, nf)  # (b C_a, 7)
+                card = cf.cardinalities[ia]
+                feats = cf.value_table(tables, ia).reshape(-1, nf)  # (b C_a, 7)
                 proj = padded(_matmul(feats, w_a)).view(b, 1, card, hidden)
                 # joint table over the dense attributes: index j = (...(v_1 C_2 + v_2) C_3 + ...)
                 joint = (joint[:, :, None, :] + proj).reshape(b, -1, hidden)
             else:
-                keys = tables.slot_keys[:, :, ia]  # (b, L) offset ids, -1 on padding
-                rows = torch.arange(b)[:, None]
-                feats = tables.attr[rows, keys.clamp_min(0)].reshape(-1, nf)  # (b L, 7)
-                sparse.append((_first_occurrence(keys), padded(_matmul(feats, w_a))))
+                feats = tables.slot_features[:, ia].reshape(-1, nf)  # (b L, 7)
+                sparse.append((tables.first_keys[:, :, ia], padded(_matmul(feats, w_a))))
         if cf.use_item:
             na = cf.n_attribute_features
             w_i = w[:, na : na + len(ITEM_FEATURES)].t()  # (5, d_proj)
             hv = cf.history_values(tables).reshape(b * length, -1)  # (b L, 5)
-            sparse.append((_first_occurrence(tables.items), padded(_matmul(hv, w_i))))
+            sparse.append((first_occurrence(tables.items), padded(_matmul(hv, w_i))))
         n_joint = joint.shape[1]
         return _RowContext(joint.reshape(b * n_joint, hidden), n_joint, sparse, t)
 
@@ -978,19 +974,16 @@ class Ranker(nn.Module):
         :meth:`_assemble_catalog`, so both paths agree bitwise.
         """
         r, k = cand.shape
-        hidden = x0.shape[1]
         flat = (torch.arange(r0, r1) * ctx.n_joint)[:, None] + self._joint_key[cand]  # (r, K)
         torch.index_select(ctx.joint, 0, flat.reshape(-1), out=x0)
-        x0.view(r, k, hidden).add_(vec[cand])
+        x0.add_(torch.index_select(vec, 0, cand.reshape(-1)))  # + I_n
         sparse_attrs = self._sparse_attributes()
         for j, (keys, delta) in enumerate(ctx.sparse):
             length = keys.shape[1]
             ck = self.crosses.keys[cand, sparse_attrs[j]] if j < len(sparse_attrs) else cand
-            eq = ck[:, :, None] == keys[r0:r1, None, :]  # (r, K, L)
-            hit = eq.any(dim=2)
-            slot = eq.to(torch.int8).argmax(dim=2)  # the one matching first-occurrence slot
-            ri, ki = hit.nonzero(as_tuple=True)
-            self._add_sparse(x0, ri * k + ki, delta, (ri + r0) * length + slot[ri, ki])
+            eq = ck[:, :, None] == keys[r0:r1, None, :]  # (r, K, L): at most one hit per pair
+            ri, ki, slot = eq.nonzero(as_tuple=True)
+            self._add_sparse(x0, ri * k + ki, delta, (ri + r0) * length + slot)
         if self._use_age:
             age = self.crosses.log_age(ctx.time[r0:r1, None], self.release_time[cand])
             x0[:, self.proj_dim] = age.reshape(-1)
