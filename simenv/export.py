@@ -139,18 +139,7 @@ def _parse_numbers(
     """Strings -> numbers of ``dtype``; a bad value raises ExportFormatError naming its line."""
     dtype = np.dtype(dtype)
     try:
-        if dtype.kind in "iu":
-            as_int = text.astype(np.int64)
-            info = np.iinfo(dtype)
-            out_of_range = (as_int < info.min) | (as_int > info.max)
-            if out_of_range.any():
-                i = int(np.argmax(out_of_range))
-                raise ExportFormatError(
-                    f"{source}: line {first_line + i}: {what} = {text[i]} is outside the "
-                    f"range of {dtype} [{info.min}, {info.max}]"
-                )
-            return as_int.astype(dtype)
-        return text.astype(np.float64).astype(dtype)
+        parsed = text.astype(np.int64) if dtype.kind in "iu" else text.astype(np.float64)
     except (ValueError, OverflowError):
         for i, s in enumerate(text.tolist()):
             try:
@@ -160,7 +149,17 @@ def _parse_numbers(
                     f"{source}: line {first_line + i}: {what} must be "
                     f"{'an integer' if dtype.kind in 'iu' else 'a number'}, got {s!r}"
                 ) from None
-        raise ExportFormatError(f"{source}: {what} has values out of range for {dtype}") from None
+        raise ExportFormatError(f"{source}: {what} has values out of range for int64") from None
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        out_of_range = (parsed < info.min) | (parsed > info.max)
+        if out_of_range.any():
+            i = int(np.argmax(out_of_range))
+            raise ExportFormatError(
+                f"{source}: line {first_line + i}: {what} = {text[i]} is outside the "
+                f"range of {dtype} [{info.min}, {info.max}]"
+            )
+    return parsed.astype(dtype)
 
 
 # --------------------------------------------------------------------------- atomic files
