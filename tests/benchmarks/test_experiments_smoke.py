@@ -27,7 +27,7 @@ SMOKE = {
         "variants": "dot,cosine (tau=1),cosine (learnable tau)",
     },
     "dimension": {**TINY, "dims": "2,32"},
-    "item-towers": {**TINY, "variants": "ID,features"},
+    "item-towers": {**TINY, "variants": "ID,features,hybrid (ID + bag of words + features)"},
     "user-towers": {
         **TINY,
         "dim": "16",
