@@ -1,0 +1,144 @@
+"""Smoke run of the `perf` experiment with tiny sizes, and its bare training loop.
+
+The run writes report.md and results.json with every claim computed (PASS or FAIL from the
+numbers; which way they go on tiny sizes is not the point here). The bare loop is checked
+against ``fit_two_tower``'s loss on the same batch and weights, so that the reference the
+throughput ratio divides by really does the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.perf import BareLoop, PerfConfig
+from benchmarks.registry import EXPERIMENT_MODULES, REGISTRY, make_config
+from benchmarks.report import REPORT_FILE, RESULTS_FILE
+from benchmarks.runner import run_experiment
+from retrieval.frequency import ExactItemFrequency
+from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig, build_loss
+from retrieval.model import TwoTowerConfig, TwoTowerModel
+from retrieval.similarity import SimilarityConfig
+from retrieval.towers import ItemTowerConfig, UserTowerConfig
+from retrieval.train import TrainConfig
+
+TINY = dict(
+    env_items=2_000, env_batch=200, sync_batch=4, env_steps=3, sync_steps=2, env_repeats=1,
+    env_scaling_users=(10, 100), env_scaling_items=(1_000, 2_000), env_scaling_batch=50,
+    build_sizes=(1_000,), train_episodes=300, train_max_steps=10, train_batch=32,
+    train_uniform=64, train_dim=8, train_steps=2, train_repeats=1, train_scaling_batches=(16,),
+    train_scaling_items=(1_000, 2_000), index_items=3_000, index_dim=8, index_queries=20,
+    index_k=10, index_repeats=1, index_scaling_items=(500,), trained_world="tiny",
+    trained_epochs=1, trained_queries=50, hnsw_ef=(16, 32), ivf_nprobe=(1, 4),
+)  # fmt: skip
+
+
+def test_perf_is_registered():
+    assert "benchmarks.perf" in EXPERIMENT_MODULES
+    assert REGISTRY.get("perf").config_cls is PerfConfig
+
+
+def test_tiny_run_writes_report_and_results_with_claims(tmp_path):
+    cfg = replace(PerfConfig.quick(), **TINY)
+    out = run_experiment(
+        REGISTRY.get("perf"), cfg, out_root=tmp_path, seeds=(0,), quick=True,
+        command="python -m benchmarks perf (tiny)", threads=1, quiet=True,
+    )  # fmt: skip
+    res = json.loads((tmp_path / "perf" / RESULTS_FILE).read_text())
+    assert res["error"] is None, res["error"]
+    assert out.ok and res["status"] == "ok"
+    claims = res["claims"]
+    assert len(claims) == 7
+    assert all(c["verdict"] in ("PASS", "FAIL") and c["evidence"] for c in claims)
+    assert out.n_pass + out.n_fail == 7
+    r = res["results"]
+    # every side-by-side ratio is a finite positive number computed from its two parts
+    tr = r["training"]
+    for mode in ("dense", "sparse"):
+        m = tr[mode]
+        assert m["ours"] > 0 and m["bare"] > 0
+        assert m["ratio"] == pytest.approx(
+            np.median(np.array(m["runs"]["ours"]) / m["runs"]["bare"])
+        )
+    assert r["env"]["ratio"] == pytest.approx(
+        np.median(r["env"]["batched_user_steps_per_s"])
+        / np.median(r["env"]["sync_user_steps_per_s"])
+    )
+    sizes = [row["items"] for row in r["index"]["exact_scaling"]]
+    assert sizes == [500, 3_000]
+    assert {row["index"] for row in r["index"]["operating_points"]} == {"hnsw", "ivf"}
+    assert all(0.0 <= row["recall@10"] <= 1.0 for row in r["index"]["operating_points"])
+    assert [row["items"] for row in r["env"]["builds"]] == [1_000]
+    assert [row["items"] for row in tr["scaling_items"]] == [1_000, 2_000]
+    md = (tmp_path / "perf" / REPORT_FILE).read_text()
+    for title in ("Side by side", "Env scaling", "World build", "Training throughput",
+                  "Exact search", "HNSW and IVF"):  # fmt: skip
+        assert title in md
+    for fig in res["figures"]:
+        assert (tmp_path / "perf" / fig["file"]).stat().st_size > 0
+
+
+def test_quick_profile_and_bad_values():
+    q = make_config(PerfConfig, quick=True)
+    assert q.trained_world == "quick" and q.threads == 1
+    with pytest.raises(ValueError, match="trained_world"):
+        PerfConfig(trained_world="huge")
+    with pytest.raises(ValueError, match="index_k"):
+        PerfConfig(index_k=200, index_scaling_items=(100,))
+    with pytest.raises(ValueError, match="train_batch"):
+        PerfConfig(train_batch=1)
+    with pytest.raises(ValueError, match="hnsw_ef"):
+        PerfConfig(hnsw_ef=())
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_bare_loop_computes_the_loss_of_fit_two_tower(sparse):
+    torch.set_num_threads(1)
+    n, b, u, d, length = 50, 8, 16, 4, 5
+    rng = np.random.default_rng(0)
+    items = rng.integers(0, n, (40, length))
+    mask = (rng.random((40, length)) < 0.7).astype(np.int8)
+    mask[3] = 0  # an empty history: the learned empty vector
+    target = rng.integers(0, n, 40)
+    user_pos = np.where(rng.random((40, 3)) < 0.5, rng.integers(0, n, (40, 3)), -1)
+    bare = BareLoop(items, mask, target, user_pos, n, d, b, u, sparse, 0, TrainConfig())
+    model = TwoTowerModel.build(
+        TwoTowerConfig(
+            item=ItemTowerConfig(kind="id", dim=d, n_items=n),
+            user=UserTowerConfig(kind="mean"),
+            similarity=SimilarityConfig(
+                kind="cosine", temperature=None, learnable_temperature=True
+            ),
+        ),
+        None,
+    )
+    with torch.no_grad():  # same weights; a temperature away from 1 so that tau matters
+        model.item_tower.embedding.weight.copy_(bare.table)
+        bare.empty.copy_(torch.randn(d))
+        model.user_tower.empty.copy_(bare.empty)
+        bare.log_tau.fill_(-0.7)
+        model.similarity.log_tau.fill_(-0.7)
+    freq = ExactItemFrequency(n)
+    freq.update(target)
+    rows = torch.arange(b)
+    gen = torch.Generator()
+    gen.set_state(bare.gen.get_state())  # the same uniform draws as the bare step's
+    loss_bare = bare.step(rows)
+    loss_fn = build_loss(
+        RetrievalLossConfig(negatives=NegativeSamplerConfig(in_batch=True, uniform=u)),
+        n,
+        model.similarity,
+    )
+    obs = {"items": torch.from_numpy(items[:b]), "mask": torch.from_numpy(mask[:b])}
+    pos = torch.from_numpy(target[:b])
+    with torch.no_grad():
+        ours = loss_fn(
+            model.user_vectors(obs), pos, model.item_vectors(pos),
+            encode_items=model.item_tower, generator=gen, frequency=freq,
+            user_positive_ids=torch.from_numpy(user_pos[:b]),
+        )  # fmt: skip
+    assert loss_bare == pytest.approx(float(ours), rel=1e-5)
