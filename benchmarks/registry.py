@@ -76,6 +76,7 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.item_towers",
     "benchmarks.user_towers",
     "benchmarks.baselines",
+    "benchmarks.perf",
     "benchmarks.movielens",
 ]
 
