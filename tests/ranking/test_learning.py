@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from ranking import (
     Ranker,
@@ -40,7 +39,6 @@ L = 16
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.set_num_threads(1)
     um = UserModelConfig(fatigue_increment=2.0)
     cfg = EnvConfig.small(world=WorldConfig.small(n_users=N_USERS), user_model=um)
     world = World(cfg.world, seed=3, user_model=um)

@@ -15,7 +15,6 @@ from simenv.types import Obs
 
 @pytest.fixture(scope="module")
 def data():
-    torch.set_num_threads(1)
     cfg = EnvConfig.small()
     world = World(cfg.world, seed=0, user_model=cfg.user_model)
     env = BatchedRecEnv(64, cfg, world=world)
