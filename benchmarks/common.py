@@ -63,6 +63,8 @@ __all__ = [
     "OfflineTrainingConfig",
     "chosen_variants",
     "with_test_rows",
+    "two_tower_generator",
+    "set_threads",
 ]
 
 #: Metric columns every offline table shows (K = 100 unless named).
