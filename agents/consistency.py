@@ -1,5 +1,6 @@
-"""Consistency of the candidate generator with the ranker: RRR curves, pipeline regret, and an
-imperfect ranker for the lambda sweep.
+"""Consistency of the candidate generator with the ranker.
+
+RRR curves, pipeline regret, and an imperfect ranker for the lambda sweep.
 
 - :func:`rrr_table`: recall relative to the ranker ``RRR@K,k = |G_K ∩ R_k| / k`` for several K,
   plain and rank-weighted (a DCG over the ranker's top-k), where ``R_k`` is the ranker's top-k
