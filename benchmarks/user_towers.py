@@ -192,10 +192,8 @@ def run(cfg: UserTowersConfig, ctx: RunContext) -> None:
         "Next-item hit rate@100 and recall@100 of each user tower.",
         data={n: {m: by[n][m].mean for m in ("next_hit@100", "recall@100")} for n in names},
     )
-    best = max(by, key=lambda n: by[n]["next_hit@100"].mean)
     ctx.report.headline(
-        f"best next-item hit@100: {best} {by[best]['next_hit@100'].format('.3f')}"
-        + (f"; mean pooling {by[MEAN]['next_hit@100'].mean:.3f}" if MEAN in by else "")
+        "next-item hit@100: " + ", ".join(f"{n} {by[n]['next_hit@100'].mean:.3f}" for n in by)
     )
 
 
