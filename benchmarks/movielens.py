@@ -63,7 +63,7 @@ from retrieval.similarity import SimilarityConfig
 from retrieval.towers import ItemTowerConfig, UserTowerConfig
 from retrieval.train import TrainConfig, fit_two_tower, to_torch_obs
 from simenv.log import ImpressionLog
-from simenv.types import Columns
+from simenv.types import Columns, ItemCatalog
 
 VARIANTS: dict[str, str] = {
     "sasrec-ce": "SASRec + cross-entropy (full softmax)",
@@ -150,7 +150,7 @@ class MovieLensConfig(ExperimentConfig):
 
     @classmethod
     def quick(cls) -> MovieLensConfig:
-        return replace(cls(), max_users=300, epochs=4, patience=0, n_layers=1)
+        return replace(cls(), max_users=400, epochs=6, patience=0, n_layers=1)
 
 
 # --------------------------------------------------------------------------- data
@@ -286,7 +286,7 @@ def _train_and_evaluate(
     variant: str,
     seed: int,
     loo: LeaveOneOut,
-    catalog: Any,
+    catalog: ItemCatalog,
     n_targets: int,
     windows: CausalWindows,
     ctx: RunContext,
@@ -396,7 +396,14 @@ def run(cfg: MovieLensConfig, ctx: RunContext) -> None:
     jobs = [(seed, v) for seed in ctx.seeds for v in variants]
     for seed, variant in ctx.progress(jobs, desc="train"):
         row, curve = _train_and_evaluate(
-            cfg, variant, seed, loo, ds.catalog, n_targets, windows, ctx
+            cfg,
+            variant,
+            seed,
+            loo,
+            ds.catalog,
+            n_targets if variant.startswith("sasrec") else n_examples,
+            windows,
+            ctx,
         )
         rows.append(row)
         if seed == ctx.seeds[0]:

@@ -420,15 +420,18 @@ def _build_dataset(
     """
     order_i = _id_order(items.tokens)
     item_tokens = items.tokens[order_i]
-    if np.unique(item_tokens).size != item_tokens.size:
-        dup = item_tokens[np.nonzero(np.sort(item_tokens)[1:] == np.sort(item_tokens)[:-1])[0]]
-        raise DatasetError(f"{source}: the item file lists item ids more than once: {dup[:5]}")
-    # item lookup through the text ids, sorted for a vectorised search
+    if item_tokens.size == 0:
+        raise DatasetError(f"{source}: the item file lists no items")
+    sorted_tokens = np.sort(item_tokens)
+    dup = sorted_tokens[1:][sorted_tokens[1:] == sorted_tokens[:-1]]
+    if dup.size:
+        raise DatasetError(
+            f"{source}: the item file lists item ids more than once: {np.unique(dup)[:5].tolist()}"
+        )
+    # compact item id of each interaction, by a vectorised search in the sorted ids
     by_text = np.argsort(item_tokens)
-    pos = np.searchsorted(item_tokens[by_text], inter.items)
-    pos_c = np.minimum(pos, max(item_tokens.size - 1, 0))
-    found = item_tokens.size > 0 and (item_tokens[by_text][pos_c] == inter.items)
-    found = np.asarray(found, dtype=bool) & (pos < item_tokens.size)
+    pos_c = np.minimum(np.searchsorted(sorted_tokens, inter.items), item_tokens.size - 1)
+    found = sorted_tokens[pos_c] == inter.items
     if not found.all():
         missing = np.unique(inter.items[~found])
         raise DatasetError(

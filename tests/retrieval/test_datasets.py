@@ -362,6 +362,9 @@ def test_unexpected_formats(tmp_path):
     _rewrite(g / "u.data", "1\t99\t3\t100\n")
     with pytest.raises(DatasetError, match=r"not in the item file \(first: \['99'\]\)"):
         load(g)
+    g = write_grouplens(tmp_path / "dup", items=[*ITEMS, ITEMS[2]])
+    with pytest.raises(DatasetError, match=r"lists item ids more than once: \['3'\]"):
+        load(g)
     g = write_grouplens(tmp_path / "g2")
     (g / "u.item").write_text("1|Toy Story (1995)|01-Jan-1995\n")
     with pytest.raises(DatasetError, match=r"line 1 has 3 '\|'-separated fields, expected 24"):
