@@ -154,6 +154,8 @@ class DistillObjective:
     """The distillation term for :func:`retrieval.train.fit_two_tower`'s ``extra`` hook.
 
     Each call draws a batch of teacher queries and returns the configured loss.
+    ``sample_pool``: the item ids uniform negatives of the ``softmax`` loss come from (pass the
+    items released by the training end; None = the whole catalog).
     """
 
     def __init__(
@@ -162,11 +164,14 @@ class DistillObjective:
         config: DistillConfig,
         model: TwoTowerModel,
         frequency: np.ndarray | None = None,
+        sample_pool: np.ndarray | None = None,
     ) -> None:
         self.t = targets
         self.cfg = config
         self.n_items = model.n_items
         self.softmax = SampledSoftmaxLoss(config.negatives, self.n_items, model.similarity)
+        # uniform negatives only among items the model could know (released by the training end)
+        self.softmax.set_sample_pool(sample_pool)
         self.frequency = frequency
         if config.loss == "softmax" and self.frequency is None:
             # Q of in-batch negatives = how often an item is a teacher pick

@@ -70,7 +70,8 @@ class ConsistencyConfig(ExperimentConfig):
 
 def _train_distilled(data, targets, dcfg: DistillConfig, tcfg: TrainConfig) -> TwoTowerModel:
     model = TwoTowerModel.build(default_two_tower(64), data.world.catalog)
-    obj = DistillObjective(targets, dcfg, model)
+    pool = np.nonzero(data.world.items.release_time <= data.t1)[0]
+    obj = DistillObjective(targets, dcfg, model, sample_pool=pool)
     fit_two_tower(
         model, mixed_negatives(), data.train, data.seq_train, tcfg, valid=data.valid_set,
         release_time=data.world.catalog.release_time, extra=obj, extra_weight=dcfg.weight,

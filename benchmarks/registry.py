@@ -71,6 +71,7 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.perf_env",
     "benchmarks.losses",
     "benchmarks.consistency",
+    "benchmarks.loop",
     "benchmarks.folding",
     "benchmarks.similarity",
     "benchmarks.dimension",

@@ -579,6 +579,28 @@ class _SampledBase(nn.Module):
         self._queue_ids: torch.Tensor | None = None
         self._queue_ptr = 0
         self._queue_fill = 0
+        self._pool: torch.Tensor | None = None  # item ids uniform/popularity draws come from
+        self._in_pool: torch.Tensor | None = None  # (N,) bool
+
+    def set_sample_pool(self, item_ids: torch.Tensor | np.ndarray | None) -> None:
+        """Restrict uniform and popularity negatives to these items (None: the whole catalog).
+
+        A generator trained at time t must not use items released later as negatives: they
+        were not in the catalog then, and training them as negatives would push every new item
+        away from every user before it is ever seen. ``Q`` of the uniform source becomes
+        ``1 / |pool|`` on the pool and 0 elsewhere; the popularity proposal is renormalised
+        over the pool.
+        """
+        if item_ids is None:
+            self._pool = self._in_pool = None
+            return
+        ids = torch.as_tensor(np.asarray(item_ids), dtype=torch.int64).unique()
+        _check_ids("item_ids", ids, self.n_items)
+        if ids.numel() == 0:
+            raise ValueError("item_ids must hold at least one item")
+        self._pool = ids
+        self._in_pool = torch.zeros(self.n_items, dtype=torch.bool)
+        self._in_pool[ids] = True
 
     # ---- memory queue -------------------------------------------------------------------
 
@@ -683,15 +705,17 @@ class _SampledBase(nn.Module):
         p_all = None
         pop_q = None
         sampled = []
+        n_pool = self.n_items if self._pool is None else int(self._pool.numel())
         if cfg.uniform:
-            sampled.append(
-                torch.randint(
-                    self.n_items, (cfg.uniform,), generator=generator, device=generator.device
-                )
+            draw = torch.randint(
+                n_pool, (cfg.uniform,), generator=generator, device=generator.device
             )
+            sampled.append(draw if self._pool is None else self._pool.to(draw.device)[draw])
         if cfg.popularity:
             p_all = freq.all()  # (N,)
             w = torch.clamp(p_all, min=cfg.logq_floor) ** cfg.popularity_alpha  # (N,)
+            if self._in_pool is not None:
+                w = w * self._in_pool.to(w.device, w.dtype)
             pop_q = w / w.sum()  # (N,) proposal q_pop(d)
             draw = torch.multinomial(
                 pop_q.to(generator.device, torch.float64),
@@ -730,7 +754,10 @@ class _SampledBase(nn.Module):
                     pd = p_all[id_] if p_all is not None else freq.prob(id_)
                     count = count + n_unigram * pd
                 if cfg.uniform:
-                    count = count + cfg.uniform / self.n_items
+                    if self._in_pool is None:
+                        count = count + cfg.uniform / self.n_items
+                    else:
+                        count = count + cfg.uniform / n_pool * self._in_pool.to(device)[id_]
                 if cfg.popularity:
                     count = count + cfg.popularity * pop_q[id_]
                 q = torch.clamp(count / n_draws, min=cfg.logq_floor)  # Q(d) of the mixture

@@ -267,7 +267,8 @@ def fit_two_tower(
     config: TrainConfig | None = None,
     valid: EvalSet | None = None,
     release_time: np.ndarray | None = None,
-    extra: Callable[[TwoTowerModel, np.random.Generator, torch.Generator], torch.Tensor] | None = None,
+    extra: Callable[[TwoTowerModel, np.random.Generator, torch.Generator], torch.Tensor]
+    | None = None,
     extra_weight: float = 0.0,
 ) -> TrainResult:
     """Train ``model`` on ``train_log`` with the loss ``loss_config`` names.
@@ -284,7 +285,9 @@ def fit_two_tower(
         sequences: engagement events of every period up to the training end (histories).
         config: training config.
         valid: held-out queries for early stopping (recall@``eval_k``).
-        release_time: (N,) item release times (required with ``valid``).
+        release_time: (N,) item release times (required with ``valid``); when given, sampled
+            negatives come only from items released by the end of ``train_log`` (the catalog
+            the model could have known), never from later releases.
         extra: an additional objective evaluated every step (see above).
         extra_weight: its weight lambda in ``[0, 1]``.
 
@@ -309,7 +312,18 @@ def fit_two_tower(
                 m.embedding.sparse = True
                 made_sparse.append(m.embedding)
     try:
-        return _fit(model, loss_config, train_log, sequences, cfg, valid, release_time, n_items, extra, extra_weight)
+        return _fit(
+            model,
+            loss_config,
+            train_log,
+            sequences,
+            cfg,
+            valid,
+            release_time,
+            n_items,
+            extra,
+            extra_weight,
+        )
     finally:
         for emb in made_sparse:
             emb.sparse = False
@@ -326,7 +340,8 @@ def _fit(
     valid: EvalSet | None,
     release_time: np.ndarray | None,
     n_items: int,
-    extra: Callable[[TwoTowerModel, np.random.Generator, torch.Generator], torch.Tensor] | None = None,
+    extra: Callable[[TwoTowerModel, np.random.Generator, torch.Generator], torch.Tensor]
+    | None = None,
     extra_weight: float = 0.0,
 ) -> TrainResult:
     rank, world = (
@@ -361,6 +376,9 @@ def _fit(
         freq = CountMinSketch(cfg.sketch_width, cfg.sketch_depth, seed=cfg.seed)
     user_pos = None if impression else sequences.positives_matrix(data.user, width=32)
     loss_fn = build_loss(loss_config, n_items, model.similarity)
+    if release_time is not None and hasattr(loss_fn, "set_sample_pool") and len(train_log):
+        train_end = float(train_log["time"].max())
+        loss_fn.set_sample_pool(np.nonzero(np.asarray(release_time) <= train_end)[0])
     if world > 1:  # start every process from rank 0's weights
         for t in model.state_dict().values():
             torch.distributed.broadcast(t, src=0)
@@ -421,7 +439,9 @@ def _fit(
             if cfg.frequency == "sketch":
                 freq.update(_targets_of(data, rows, impression, causal))
             if extra_weight < 1.0:
-                loss = _batch_loss(model, loss_fn, data, rows, impression, causal, gen, freq, user_pos)
+                loss = _batch_loss(
+                    model, loss_fn, data, rows, impression, causal, gen, freq, user_pos
+                )
                 if extra is not None and extra_weight > 0:
                     loss = (1.0 - extra_weight) * loss + extra_weight * extra(model, rng, gen)
             else:
