@@ -73,7 +73,7 @@ def run(cfg: LoopExperimentConfig, ctx: RunContext) -> None:
                     lc,
                     seed,
                     threads=ctx.threads,
-                    progress=lambda it, desc: ctx.progress(it, desc=f"{name} seed {seed}"),
+                    progress=lambda it, desc, label=f"{name} seed {seed}": ctx.progress(it, desc=label),
                 )
             for r in rounds:
                 rows.append(
