@@ -24,6 +24,7 @@ from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
 from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
 from retrieval.metrics import leakage_at_k, mean_over_users
 from retrieval.model import TwoTowerConfig, TwoTowerGenerator, TwoTowerModel
+from retrieval.similarity import SimilarityConfig
 from retrieval.train import TrainConfig, fit_two_tower
 from simenv.batched_env import BatchedRecEnv
 from simenv.history import EventSequences, impression_examples
@@ -54,7 +55,8 @@ class LoopConfig:
         ranker_epochs: ranker epochs per round.
         generator_epochs: generator epochs per round.
         teacher_queries: requests labelled by the ranker per round (distillation).
-        model: the generator's two-tower config.
+        model: the generator's two-tower config (default: ID items, mean pooling, cosine with a
+            learnable temperature).
     """
 
     rounds: int = 4
@@ -142,7 +144,9 @@ def closed_loop(
     out.append(_round_metrics(0, res, None, world, t0, 0.0, env.config.history_length))
     log = res.log
     ranker = Ranker(world.catalog, RankerConfig(seed=seed))
-    model_cfg = cfg.model or TwoTowerConfig()
+    model_cfg = cfg.model or TwoTowerConfig(
+        similarity=SimilarityConfig(kind="cosine", temperature=None, learnable_temperature=True)
+    )
     model = TwoTowerModel.build(model_cfg, world.catalog)
     loss = RetrievalLossConfig(
         kind="sampled_softmax",
