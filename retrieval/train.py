@@ -81,7 +81,12 @@ class TrainConfig:
             does for good. Every sparse table is stepped by ``torch.optim.SparseAdam`` (lazy
             Adam: only the rows in the batch move, and their moments are updated only then),
             the dense parameters by AdamW. Needs ``weight_decay == 0`` (SparseAdam has none)
-            and a single process.
+            and a single process. It pays on large catalogs, where dense AdamW walks the whole
+            table every step: measured by ``python -m benchmarks perf`` (1 thread, batch
+            1024, in-batch + 4,096 uniform negatives) 0.9x the dense speed at 10,000 items,
+            1.7x at 100,000 and 4.4x at 300,000, with the same test recall@100 on the
+            default world (0.229 sparse, 0.220 dense, one seed). Off by default: slower on
+            small catalogs, and lazy Adam is a different optimiser.
         seed: seed of initial shuffles and sampled negatives.
         progress: show a tqdm bar.
         checkpoint_dir: write ``best.pt`` there (atomically) when validation improves.
