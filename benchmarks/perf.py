@@ -458,9 +458,30 @@ class BareLoop:
 # --------------------------------------------------------------------------- sections
 
 
-def _env_section(cfg: PerfConfig, ctx: RunContext, seed: int) -> dict[str, Any]:
+class _Later:
+    """Report calls recorded now and replayed later (summary first, sections after).
+
+    The sections run first, but their summary table belongs at the top of the report.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        def record(*args: Any, **kwargs: Any) -> None:
+            self.calls.append((name, args, kwargs))
+
+        return record
+
+    def replay(self, report: Any) -> None:
+        """Make the recorded calls on ``report``, in order."""
+        calls, self.calls = self.calls, []
+        for name, args, kwargs in calls:
+            getattr(report, name)(*args, **kwargs)
+
+
+def _env_section(cfg: PerfConfig, ctx: RunContext, rep: Any, seed: int) -> dict[str, Any]:
     """BatchedRecEnv vs SyncVectorEnv, scaling in users and items, world builds."""
-    rep = ctx.report
     with ctx.timer("env world") as tw:
         env_cfg, world = _env_world(cfg.env_items, seed)
     rng = ctx.rng(seed, "perf", "slates")
@@ -648,10 +669,9 @@ def _ours(
 
 
 def _train_section(
-    cfg: PerfConfig, ctx: RunContext, seed: int, world: World, env_cfg: EnvConfig
+    cfg: PerfConfig, ctx: RunContext, rep: Any, seed: int, world: World, env_cfg: EnvConfig
 ) -> dict[str, Any]:
     """fit_two_tower vs the bare loop (dense and sparse), scaling in batch and items."""
-    rep = ctx.report
     with ctx.timer("training log"):
         log = _log_on(world, env_cfg, cfg.train_episodes, seed, cfg.train_max_steps)
     seq = EventSequences.from_log(log, world.n_items)
@@ -825,18 +845,71 @@ def _train_section(
         f"fit_two_tower examples per second against the batch size ({world.n_items:,} items).",
         data={"batch": batch_rows, "items": item_rows},
     )
+    with ctx.timer("training profile"), _threads(cfg.threads):
+        prof_rows = _step_profile(pairs, log, seq, cfg, steps, seed)
+    rep.table(
+        f"Where a training step's time goes (batch {cfg.train_batch}, {world.n_items:,} items)",
+        prof_rows,
+        fmt={"dense ms/step": ".1f", "sparse ms/step": ".1f"},
+        note="torch.profiler over one fit_two_tower epoch of the same steps per mode: the "
+        "operators with the most self CPU time (the profiler adds its own overhead); "
+        "optimizer rows are inclusive (everything inside the step).",
+    )
     rep.add_result(
         "training",
         {
             "examples": n_ex,
+            "history_fill": fill,
             "steps": steps,
             "dense": summary[False],
             "sparse": summary[True],
             "scaling_batch": batch_rows,
             "scaling_items": item_rows,
+            "profile": prof_rows,
         },
     )
     return {"dense": summary[False], "sparse": summary[True], "n_items": world.n_items}
+
+
+def _step_profile(
+    pairs: dict[bool, tuple[TwoTowerModel, BareLoop]],
+    log: ImpressionLog,
+    seq: EventSequences,
+    cfg: PerfConfig,
+    steps: int,
+    seed: int,
+    top: int = 8,
+) -> list[dict[str, Any]]:
+    """Self CPU milliseconds per step of the costliest torch operators, dense and sparse."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_mode: dict[bool, dict[str, float]] = {}
+    for sp in (False, True):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _ours(pairs[sp][0], log, seq, cfg, cfg.train_batch, steps, sp, seed)
+        ops = {}
+        for ev in prof.key_averages():
+            if ev.key.startswith("Optimizer.step#"):
+                ops[ev.key] = ev.cpu_time_total / 1e3 / steps  # inclusive
+            elif not ev.key.startswith(("Optimizer.", "autograd::", "ProfilerStep")):
+                ops[ev.key] = ev.self_cpu_time_total / 1e3 / steps
+        per_mode[sp] = ops
+    names: list[str] = []
+    for sp in (False, True):
+        ranked = sorted(per_mode[sp].items(), key=lambda kv: -kv[1])
+        names += [k for k, _ in ranked[:top] if k not in names]
+    names += [k for k in per_mode[True] if k.startswith("Optimizer.step#") and k not in names]
+    names += [k for k in per_mode[False] if k.startswith("Optimizer.step#") and k not in names]
+    rows = [
+        {
+            "operator": k,
+            "dense ms/step": per_mode[False].get(k, 0.0),
+            "sparse ms/step": per_mode[True].get(k, 0.0),
+        }
+        for k in names
+    ]
+    rows.sort(key=lambda r: -max(r["dense ms/step"], r["sparse ms/step"]))
+    return rows
 
 
 def _trained_data(cfg: PerfConfig, seed: int) -> Any:
@@ -855,9 +928,8 @@ def _trained_data(cfg: PerfConfig, seed: int) -> Any:
     return prepare_offline(world, env_cfg, log, _HISTORY, 300, seed, "in-group(eps=0.05)")
 
 
-def _index_section(cfg: PerfConfig, ctx: RunContext, seed: int) -> dict[str, Any]:
+def _index_section(cfg: PerfConfig, ctx: RunContext, rep: Any, seed: int) -> dict[str, Any]:
     """Exact vs torch vs faiss flat, scaling in N, HNSW/IVF on trained item vectors."""
-    rep = ctx.report
     k = cfg.index_k
     clock = time.process_time if cfg.threads == 1 else time.perf_counter
     clock_name = "CPU time" if cfg.threads == 1 else "wall time"
@@ -1066,10 +1138,15 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
         f"{os.cpu_count()} CPUs; load average at start {load0[0]:.2f} (1 min). Ratios compare "
         f"measurements taken in this process, alternating where stated.",
     )
-    env = _env_section(cfg, ctx, seed)
-    train = _train_section(cfg, ctx, seed, env["world"], env["env_cfg"])
-    del env["world"]
-    idx = _index_section(cfg, ctx, seed)
+    later = _Later()  # the sections' tables and figures go after the side-by-side table
+    try:
+        env = _env_section(cfg, ctx, later, seed)
+        train = _train_section(cfg, ctx, later, seed, env["world"], env["env_cfg"])
+        del env["world"]
+        idx = _index_section(cfg, ctx, later, seed)
+    except BaseException:
+        later.replay(rep)  # keep what was measured before the failure
+        raise
     load1 = os.getloadavg()
 
     dense, sparse = train["dense"], train["sparse"]
@@ -1199,6 +1276,7 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
         f"recall {best[2].recall:.4f}, {best[1]:.2f}x exact ({idx['exact_qps']:,.0f} q/s)",
     )
     rep.add_result("load_average", {"start": list(load0), "end": list(load1)})
+    later.replay(rep)
     ann = (
         "none"
         if best is None

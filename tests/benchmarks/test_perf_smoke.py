@@ -142,3 +142,23 @@ def test_bare_loop_computes_the_loss_of_fit_two_tower(sparse):
             user_positive_ids=torch.from_numpy(user_pos[:b]),
         )  # fmt: skip
     assert loss_bare == pytest.approx(float(ours), rel=1e-5)
+
+
+def test_a_failing_section_keeps_what_was_measured_before(tmp_path, monkeypatch):
+    import benchmarks.perf as perf
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("training section broke")
+
+    monkeypatch.setattr(perf, "_train_section", broken)
+    cfg = replace(PerfConfig.quick(), **TINY)
+    out = run_experiment(
+        REGISTRY.get("perf"), cfg, out_root=tmp_path, seeds=(0,), quick=True,
+        command="python -m benchmarks perf (tiny, broken)", threads=1, quiet=True,
+    )  # fmt: skip
+    assert not out.ok
+    res = json.loads((tmp_path / "perf" / RESULTS_FILE).read_text())
+    assert res["status"] == "error" and "training section broke" in res["error"]
+    assert "env" in res["results"]  # the env section's figures were kept
+    md = (tmp_path / "perf" / REPORT_FILE).read_text()
+    assert "Env throughput" in md and "World build" in md
