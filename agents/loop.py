@@ -154,6 +154,7 @@ def closed_loop(
             in_batch=True, uniform=cfg.uniform_negatives, logq="negatives_only"
         ),
     )
+    length = env.config.history_length  # L of the observations the models serve
     for r in wrap(range(1, cfg.rounds + 1), "closed loop rounds"):
         t_train = time.perf_counter()
         seq = EventSequences.from_log(log, world.n_items)
@@ -162,12 +163,16 @@ def closed_loop(
             log,
             seq,
             RankerTrainConfig(
-                epochs=cfg.ranker_epochs, progress=False, seed=seed + r, threads=threads
+                epochs=cfg.ranker_epochs,
+                history_length=length,
+                progress=False,
+                seed=seed + r,
+                threads=threads,
             ),
         )
         extra, weight = None, 0.0
         if cfg.generator_target != "positives":
-            queries = impression_examples(log, seq, env.config.history_length).obs
+            queries = impression_examples(log, seq, length).obs
             dcfg = DistillConfig(
                 loss="kl",
                 weight=1.0 if cfg.generator_target == "distill" else cfg.distill_weight,
@@ -180,7 +185,7 @@ def closed_loop(
             extra, weight = DistillObjective(targets, dcfg, model, sample_pool=pool), dcfg.weight
         fit_two_tower(
             model, loss, log, seq,
-            TrainConfig(epochs=cfg.generator_epochs, batch_size=512, seed=seed + r, progress=False, threads=threads, patience=0),
+            TrainConfig(epochs=cfg.generator_epochs, batch_size=512, history_length=length, seed=seed + r, progress=False, threads=threads, patience=0),
             release_time=world.catalog.release_time, extra=extra, extra_weight=weight,
         )  # fmt: skip
         train_s = time.perf_counter() - t_train
@@ -191,7 +196,7 @@ def closed_loop(
         )  # fmt: skip
         t_act = time.perf_counter()
         res = rollout(env, pipe, cfg.users_per_round, seed=seed * 1000 + r)
-        out.append(_round_metrics(r, res, gen, world, t_act, train_s, env.config.history_length))
+        out.append(_round_metrics(r, res, gen, world, t_act, train_s, length))
         log = ImpressionLog.concat(
             [log, _offset_requests(res.log, int(log[Columns.REQUEST].max()) + 1)]
         )
