@@ -1,0 +1,164 @@
+"""Smoke runs of the lead experiments (losses, consistency, loop, perf-env) in-process, each
+with tiny config overrides on the quick world (a few seconds each).
+
+Each run must write report.md, results.json (strict JSON: no NaN/Infinity tokens) and its
+figures, record no error, and record claims whose verdicts agree with their evidence; then a
+few numbers each experiment promises are checked (rows it must hold, ratios it must compute).
+Budgets: 0.2 logged episodes per user, one epoch, one distillation loss, a handful of online
+users, two loop rounds, a few timed env steps.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.registry import REGISTRY, make_config
+from benchmarks.runner import run_experiment
+
+# experiment -> --set overrides (as text, parsed like the CLI does)
+OFFLINE = dict(episodes_per_user="0.2", epochs="1", batch_size="512")
+SMOKE = {
+    "losses": {**OFFLINE, "dim": "8"},
+    "consistency": {
+        **OFFLINE, "ranker_epochs": "1", "losses": "kl", "weights": "1.0",
+        "teacher_queries": "200", "online_users": "20", "sweep": "0.0,1.0", "quota": "50",
+    },
+    "loop": {
+        "rounds": "2", "users_per_round": "30", "quota": "50", "ranker_epochs": "1",
+        "generator_epochs": "1", "teacher_queries": "100",
+    },
+    "perf-env": {
+        "n_items": "2000", "batch": "200", "sync_batch": "4", "steps": "3", "sync_steps": "2",
+        "repeats": "1", "scaling_batches": "10,100", "build_items": "1000", "build_users": "1000",
+    },
+}  # fmt: skip
+N_CLAIMS = {"losses": 5, "consistency": 5, "loop": 4, "perf-env": 4}
+ROW_COLUMNS = ("world", "policy", "model", "seeds", "wall_s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    REGISTRY.load([f"benchmarks.{m}" for m in ("losses", "consistency", "loop", "perf_env")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _strict_json(text: str) -> dict:
+    def reject(token: str) -> float:
+        raise AssertionError(f"results.json holds a non-standard token {token}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def _run(name, tmp_path):
+    exp = REGISTRY.get(name)
+    cfg = make_config(exp.config_cls, quick=True, overrides=SMOKE[name])
+    out = run_experiment(
+        exp, cfg, out_root=tmp_path, seeds=(0,), quick=True,
+        command=f"python -m benchmarks {name} --quick (smoke test)", overrides=SMOKE[name],
+        threads=1, quiet=True,
+    )  # fmt: skip
+    folder = tmp_path / name
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    doc = _strict_json((folder / "results.json").read_text(encoding="utf-8"))
+    assert out.ok, doc.get("error")
+    assert doc["status"] == "ok" and doc["error"] is None
+    assert doc["experiment"] == name and doc["profile"] == "quick" and doc["seeds"] == [0]
+    assert doc["overrides"] == SMOKE[name]
+    assert (tmp_path / "index.md").exists()
+    # claims: all present, verdicts computed and consistent with the summary and the Markdown
+    claims = doc["claims"]
+    assert len(claims) == N_CLAIMS[name]
+    for c in claims:
+        assert isinstance(c["passed"], bool) and c["evidence"]
+        assert c["verdict"] == ("PASS" if c["passed"] else "FAIL")
+        if c["evidence"].endswith("hold") or c["evidence"].endswith("holds"):  # claim_compare
+            assert c["evidence"].endswith(": holds") == c["passed"]
+        assert f"**{c['verdict']}** — {c['text']}" in report
+    n_pass = sum(c["passed"] for c in claims)
+    assert doc["claims_summary"] == {"pass": n_pass, "fail": len(claims) - n_pass}
+    assert out.n_pass == n_pass and out.n_fail == len(claims) - n_pass
+    # figures: every recorded PNG exists and is embedded
+    assert doc["figures"]
+    for fig in doc["figures"]:
+        assert (folder / fig["file"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({fig['file']})" in report
+    assert doc["headline"] and not doc["headline"].startswith("ERROR")
+    return doc, report
+
+
+def _seed_tables(doc):
+    for table in doc["tables"]:
+        for col in ROW_COLUMNS:
+            assert col in table["columns"], (table["title"], col)
+        for row in table["rows"]:
+            assert row["seeds"] == "0" and row["wall_s"]["mean"] >= 0
+    return [{r["model"]: r for r in t["rows"]} for t in doc["tables"]]
+
+
+def test_losses(tmp_path):
+    doc, _ = _run("losses", tmp_path)
+    (rows,) = _seed_tables(doc)
+    assert len(rows) == 11 and len(doc["results"]["rows"]) == 11
+    for name in ("impression BCE", "BCE (mixed neg.)", "BPR (mixed neg.)", "full softmax",
+                 "softmax in-batch, logQ3", "softmax mixed, logQ derived"):  # fmt: skip
+        assert name in rows
+    for r in rows.values():
+        assert 0 <= r["recall@10"]["mean"] <= r["recall@100"]["mean"] <= 1
+        assert r["tau"]["mean"] > 0
+
+
+def test_consistency(tmp_path):
+    doc, _ = _run("consistency", tmp_path)
+    offline, online, sweep = _seed_tables(doc)
+    assert list(offline) == ["positives only", "distilled kl, lambda=1"]
+    for r in offline.values():
+        rrr = [r[f"rrr@{k}"]["mean"] for k in (50, 100, 200, 500)]
+        assert rrr == sorted(rrr) and 0 <= rrr[0] and rrr[-1] <= 1  # nested top-K lists
+        assert 0 <= r["served_in_single_stage"]["mean"] <= 1
+        assert 0 < r["score_ratio"]["mean"] <= 1 + 1e-9  # the single-stage slate is the best
+    assert list(online) == [
+        "random", "popular", "pipeline K=50, positives only",
+        "pipeline K=50, distilled kl, lambda=1", "single-stage (ranker over the catalog)",
+        "oracle",
+    ]  # fmt: skip
+    for r in online.values():
+        assert r["reward"]["users"]["n"] == 20
+    assert list(sweep) == ["lambda=0", "lambda=1"]
+    assert doc["results"]["sweep_lambdas"] == [0.0, 1.0]
+
+
+def test_loop(tmp_path):
+    doc, _ = _run("loop", tmp_path)
+    (table,) = doc["tables"]
+    _seed_tables(doc)
+    keys = [(r["policy"], r["model"]) for r in table["rows"]]
+    policies = sorted({p for p, _ in keys})
+    assert len(policies) == 2
+    assert sorted(keys) == sorted((p, f"round {i}") for p in policies for i in range(3))
+    for r in table["rows"]:
+        assert r["reward"]["users"]["n"] == 30
+        leak = r["leakage@100"]["mean"]
+        # the random start has no generator; every retrained round has one
+        assert (leak is None) if r["model"] == "round 0" else 0 <= leak <= 1
+        assert 0 <= r["gini"]["mean"] <= 1
+
+
+def test_perf_env(tmp_path):
+    doc, report = _run("perf-env", tmp_path)
+    res = doc["results"]
+    fast, slow = res["batched_user_steps_per_s"], res["sync_user_steps_per_s"]
+    assert len(fast) == len(slow) == 1 and min(fast + slow) > 0
+    assert res["ratio"] == pytest.approx(np.median(fast) / np.median(slow))
+    assert res["build"]["items"] == 1000 and res["build"]["users"] == 1000
+    assert res["build"]["seconds"] > 0 and res["build"]["peak_bytes"] > 0
+    scaling = next(t for t in doc["tables"] if t["title"].startswith("Scaling"))
+    assert [r["B"] for r in scaling["rows"]] == [10, 100]
+    assert all(r["user_steps_per_s"] > 0 for r in scaling["rows"])
+    assert "Building a big world" in report
