@@ -123,7 +123,11 @@ def teacher_targets(
     rng: np.random.Generator,
     chunk: int = 256,
 ) -> TeacherTargets:
-    """Score a pool per query with the ranker (full-catalog top items + uniform released items)."""
+    """Score a pool per query with the ranker (full-catalog top items + uniform released items).
+
+    The uniform part holds distinct released items not already among the top ones; draws
+    that fail this (unreleased, a top item, a repeat) become padding (-1, score -inf).
+    """
     n = obs[Obs.ITEMS].shape[0]
     if n > config.max_queries:
         keep = np.sort(rng.choice(n, size=config.max_queries, replace=False))
@@ -141,6 +145,10 @@ def teacher_targets(
             ok = (release[extra] <= t[:, None]) & ~(extra[:, :, None] == ids[:, None, :]).any(
                 axis=2
             )
+            # draws are with replacement: keep the first copy of an item only, so no item
+            # weighs twice in the pool's softmax (kl) or pairs (pairwise)
+            same = extra[:, :, None] == extra[:, None, :]  # (b, E, E)
+            ok &= ~np.tril(same, k=-1).any(axis=2)  # an earlier draw holds the same item
             extra = np.where(ok, extra, -1)
             ex_sc = ranker.score(part, extra)
             ids, sc = np.concatenate([ids, extra], axis=1), np.concatenate([sc, ex_sc], axis=1)

@@ -239,10 +239,13 @@ def test_teacher_targets_pool_top_then_uniform_released(world):
     extra = t.pool[:, 15:]
     ok = released(w.items.release_time, o)
     real = extra >= 0
-    assert real.mean() > 0.8  # only unreleased or duplicate-of-the-top draws are dropped
+    assert real.mean() > 0.75  # only unreleased or repeated draws are dropped
     rows = np.nonzero(real)[0]
     assert ok[rows, extra[real]].all()
     assert not (extra[:, :, None] == top15[:, None, :]).any(axis=2)[real].any()
+    # no item twice in a pool (uniform draws that repeat an earlier draw are dropped)
+    srt = np.sort(t.pool, axis=1)
+    assert not ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()
     # the scores are the ranker's, finite exactly on the real entries
     np.testing.assert_array_equal(t.pool_scores, ranker.score(o, t.pool))
     assert np.array_equal(np.isfinite(t.pool_scores), t.pool >= 0)
