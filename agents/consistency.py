@@ -125,11 +125,13 @@ def pipeline_regret(
 ) -> dict[str, float]:
     """Served slate vs the single-stage slate (the ranker's top-k over the whole catalog).
 
-    Returns the mean over users of ``sum ranker score (served) / sum ranker score (single)``
-    (scores shifted to be positive by the row minimum of both slates) and of
-    ``sum true affinity (served) / sum true affinity (single)`` (``World.affinity`` with the
-    users' base preferences: ground truth, evaluation only), plus the share of the single-stage
-    slate the pipeline serves (``|served ∩ single| / k``).
+    Returns ``score_ratio``, the mean over users of
+    ``sum ranker score (served) / sum ranker score (single)`` (scores shifted to be positive by
+    the row minimum of both slates); ``affinity_ratio``, the total true affinity of the served
+    slates over that of the single-stage slates, summed over all users (``World.affinity`` with
+    the users' base preferences: ground truth, evaluation only; a ratio of totals because a
+    user's single-stage slate can have zero affinity); and ``served_in_single_stage``, the mean
+    share of the single-stage slate the pipeline serves (``|served ∩ single| / k``).
     """
     k = pipeline.k
     served = pipeline.act(obs)
