@@ -1134,7 +1134,8 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
     rep = ctx.report
     rep.section(
         "Setup",
-        f"Seed {seed}; {cfg.threads} torch/faiss thread(s) for every measurement; "
+        f"Seed {seed} (only the first seed runs: the figures are ratios measured side by side, "
+        f"not averages over seeds); {cfg.threads} torch/faiss thread(s) for every measurement; "
         f"{os.cpu_count()} CPUs; load average at start {load0[0]:.2f} (1 min). Ratios compare "
         f"measurements taken in this process, alternating where stated.",
     )
