@@ -31,6 +31,24 @@ class LoopExperimentConfig(ExperimentConfig):
     generator_epochs: int = param(3, "generator epochs per round")
     teacher_queries: int = param(10_000, "requests labelled by the ranker per round")
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.rounds, int) or self.rounds < 2:
+            raise ValueError(
+                f"rounds must be an integer >= 2 (the claims compare the last round with round 1), got {self.rounds!r}"
+            )
+        for name in (
+            "users_per_round",
+            "quota",
+            "ranker_epochs",
+            "generator_epochs",
+            "teacher_queries",
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
+
     @classmethod
     def quick(cls) -> LoopExperimentConfig:
         return replace(
@@ -73,7 +91,9 @@ def run(cfg: LoopExperimentConfig, ctx: RunContext) -> None:
                     lc,
                     seed,
                     threads=ctx.threads,
-                    progress=lambda it, desc, label=f"{name} seed {seed}": ctx.progress(it, desc=label),
+                    progress=lambda it, desc, label=f"{name} seed {seed}": ctx.progress(
+                        it, desc=label
+                    ),
                 )
             for r in rounds:
                 rows.append(

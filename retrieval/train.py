@@ -275,6 +275,7 @@ def fit_two_tower(
     extra: Callable[[TwoTowerModel, np.random.Generator, torch.Generator], torch.Tensor]
     | None = None,
     extra_weight: float = 0.0,
+    valid_score: Callable[[TwoTowerModel], float] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_log`` with the loss ``loss_config`` names.
 
@@ -295,6 +296,9 @@ def fit_two_tower(
             the model could have known), never from later releases.
         extra: an additional objective evaluated every step (see above).
         extra_weight: its weight lambda in ``[0, 1]``.
+        valid_score: with ``valid``, the early-stopping score of the model after each epoch
+            (higher is better, e.g. NDCG@10 with seen items excluded), used instead of
+            recall@``eval_k`` on ``valid``; logged as ``valid_recall``.
 
     Returns:
         A :class:`TrainResult`.
@@ -328,6 +332,7 @@ def fit_two_tower(
             n_items,
             extra,
             extra_weight,
+            valid_score,
         )
     finally:
         for emb in made_sparse:
@@ -348,6 +353,7 @@ def _fit(
     extra: Callable[[TwoTowerModel, np.random.Generator, torch.Generator], torch.Tensor]
     | None = None,
     extra_weight: float = 0.0,
+    valid_score: Callable[[TwoTowerModel], float] | None = None,
 ) -> TrainResult:
     rank, world = (
         (torch.distributed.get_rank(), torch.distributed.get_world_size())
@@ -477,7 +483,11 @@ def _fit(
         secs = time.perf_counter() - t0
         rec = None
         if valid is not None:
-            rec = evaluate_recall(model, valid, cfg.eval_k, release_time)
+            rec = (
+                float(valid_score(model))
+                if valid_score is not None
+                else evaluate_recall(model, valid, cfg.eval_k, release_time)
+            )
         entry = {
             "epoch": epoch,
             "loss": tot / max(seen, 1),
