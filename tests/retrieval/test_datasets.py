@@ -573,3 +573,26 @@ def test_real_movielens_100k_golden():
     assert np.all(np.diff(seq.times)[user_of[1:] == user_of[:-1]] > 0)  # one strict order
     loo = leave_one_out(ds.log, ds.n_items, 50)
     assert len(loo.test_set) == len(loo.valid_set) == 943 and len(loo.train) == 100_000 - 2 * 943
+
+
+def test_valid_score_drives_early_stopping(tmp_path):
+    """fit_two_tower(valid_score=...) stops on that score and keeps the best epoch's weights."""
+    ds = load(write_grouplens(tmp_path / "g"))
+    loo = leave_one_out(ds.log, ds.n_items, 4)
+    model = _random_model(ds.catalog)
+    scores = iter([0.3, 0.5, 0.4, 0.2, 0.9])
+    states = []
+
+    def score(m):
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+        return next(scores)
+
+    res = fit_two_tower(
+        model, RetrievalLossConfig(kind="full_softmax"), loo.train, loo.seq_train,
+        TrainConfig(epochs=5, batch_size=4, history_length=4, patience=2, progress=False),
+        valid=loo.valid_set, release_time=ds.catalog.release_time, valid_score=score,
+    )  # fmt: skip
+    assert [h["valid_recall"] for h in res.history] == [0.3, 0.5, 0.4, 0.2]  # stopped
+    assert (res.best_epoch, res.best_recall) == (2, 0.5)
+    for k, v in model.state_dict().items():  # the weights of epoch 2 are restored
+        assert torch.equal(v, states[1][k]), k
