@@ -316,11 +316,12 @@ def _train_and_evaluate(
         threads=ctx.threads,
     )
     extra = None
-    if variant in ("sasrec-bce1", "sasrec-bpr1"):
+    one_negative = {"sasrec-bce1": "bce", "sasrec-bpr1": "bpr"}
+    if variant in one_negative:
         extra = OneNegativeObjective(
             windows,
             loo.seq_train.positives_matrix(windows.user, width=32),
-            variant[-4:-1],
+            one_negative[variant],
             cfg.batch_size,
             catalog.n_items,
         )
@@ -446,7 +447,8 @@ def run(cfg: MovieLensConfig, ctx: RunContext) -> None:
         fmt=fmt,
         note=(
             "targets_per_s: next-item targets trained per second (every training interaction "
-            "is one target per epoch); s_per_epoch: wall seconds of one epoch with "
+            "is one target per epoch); s_per_epoch: wall seconds of one epoch's training steps "
+            "(validation not included) with "
             f"--threads {ctx.threads if ctx.threads is not None else 'default'}."
         ),
     )
