@@ -109,7 +109,9 @@ class MovieLensConfig(ExperimentConfig):
         True, "the transformer reads each event's type (LIKE for a rating >= 4, else CLICK)"
     )
     epochs: int = param(60, "maximum epochs (passes over every training interaction)")
-    patience: int = param(6, "epochs without a better validation NDCG@k before stopping (0: never)")
+    patience: int = param(
+        10, "epochs without a better validation NDCG@k before stopping (0: never)"
+    )
     batch_size: int = param(
         32, "windows of L events per step (the mean-pooling tower gets batch_size * L examples)"
     )
