@@ -394,11 +394,14 @@ def run(cfg: MovieLensConfig, ctx: RunContext) -> None:
         f"{summary['interactions']:,} ratings, {ds.n_users} users, {ds.n_items} items from "
         f"{ds.source}; {len(loo.test_set)} evaluated users, {n_targets:,} training targets"
     )
+    like_rule = (
+        "no threshold" if cfg.like_threshold is None else f"rating >= {cfg.like_threshold:g}"
+    )
     ctx.report.section(
         "Data",
         f"MovieLens-100K from `{ds.source}` ({summary['interactions']:,} ratings, "
         f"{ds.n_users} users, {ds.n_items} movies; {summary['like_share']:.0%} of the ratings are "
-        f"LIKE events (rating >= {cfg.like_threshold}, none if not set), the rest CLICK; every "
+        f"LIKE events ({like_rule}), the rest CLICK; every "
         "rating is a target). Users in this run: "
         f"{len(loo.test_set)} (all evaluated); training interactions: {len(loo.train):,} "
         f"({n_targets:,} next-item targets in {len(windows):,} windows of L={cfg.history_length}"
