@@ -28,10 +28,8 @@ import io
 import json
 import math
 import operator
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +39,7 @@ import numpy as np
 
 from benchmarks.provenance import Provenance
 from benchmarks.stats import aggregate_over_seeds, format_number
+from simenv.atomic import atomic_write as _atomic_write
 
 __all__ = [
     "RunInfo",
@@ -150,23 +149,8 @@ def atomic_write(path: Path | str, data: str | bytes) -> Path:
     Returns:
         The destination path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return _atomic_write(path, lambda fh: fh.write(payload))
 
 
 def _dumps(obj: Any) -> str:

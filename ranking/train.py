@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ranking.features import ItemStatistics
 from ranking.model import Ranker, RankerConfig, _obs_to_torch
+from simenv.atomic import atomic_write
 from simenv.history import EventSequences, impression_examples, take_obs
 from simenv.log import ImpressionLog
 from simenv.types import Columns, EventType, ItemCatalog
@@ -509,7 +509,6 @@ def save_ranker(
     folder, flushed, and renamed over ``path`` with ``os.replace``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -518,18 +517,7 @@ def save_ranker(
         "state_dict": ranker.state_dict(),
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_ranker(

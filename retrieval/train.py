@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from retrieval.frequency import CountMinSketch, ExactItemFrequency
 from retrieval.losses import RetrievalLossConfig, build_loss
 from retrieval.model import TwoTowerModel
 from retrieval.towers.item import IDItemTower
+from simenv.atomic import atomic_write
 from simenv.log import ImpressionLog
 from simenv.types import Obs
 
@@ -228,25 +228,13 @@ def save_checkpoint(
 ) -> Path:
     """``torch.save`` the state dict with the model's config, atomically (temp + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = getattr(model, "config", None)
     payload = {
         "state_dict": model.state_dict(),
         "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:

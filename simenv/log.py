@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from simenv.atomic import atomic_write
 from simenv.types import Columns, EventType
 
 __all__ = ["ImpressionLog", "LogFormatError", "FORMAT_VERSION"]
@@ -247,7 +247,6 @@ class ImpressionLog:
             path = (
                 path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {f"col__{c}": a for c, a in self.columns.items()}
         if self.candidates is not None:
             arrays["candidates"] = self.candidates
@@ -261,18 +260,7 @@ class ImpressionLog:
         arrays["header"] = np.frombuffer(
             json.dumps(header, default=_json_default).encode(), dtype=np.uint8
         )
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ImpressionLog:

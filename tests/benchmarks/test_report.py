@@ -13,7 +13,6 @@ import pytest
 from matplotlib.figure import Figure
 from scipy import stats as sst
 
-from benchmarks import report as report_mod
 from benchmarks.provenance import Provenance, collect_provenance, git_info, package_versions
 from benchmarks.registry import ExperimentConfig, param
 from benchmarks.report import Report, RunInfo, atomic_write, to_jsonable, write_index
@@ -303,7 +302,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def boom(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report_mod.os, "fsync", boom)
+    monkeypatch.setattr(os, "fsync", boom)  # simenv.atomic does the fsync
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, "new content that must not appear\n")
     assert target.read_text() == "old\n"
