@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 __all__ = ["WorldConfig", "UserModelConfig", "RewardConfig", "EnvConfig", "check_range"]
 
 
@@ -40,8 +42,8 @@ def check_range(
     interval = f"{'[' if low_inclusive else '('}{lo}, {hi}{']' if high_inclusive else ')'}"
     kind = "an integer" if integer else "a number"
     if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, float, np.floating))
         and not hasattr(value, "__index__")
     ):
         raise ValueError(f"{name} must be {kind} in {interval}, got {value!r}")

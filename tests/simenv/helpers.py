@@ -194,7 +194,7 @@ def in_range(cls_name: str, field: str, value: Any) -> bool:
     if integer:
         if not isinstance(value, (int, np.integer)):
             return False
-    elif not isinstance(value, (int, float, np.integer)):  # python / numpy float64 are floats
+    elif not isinstance(value, (int, float, np.integer, np.floating)):  # any numpy float is a number
         return False
     try:
         v = float(value)
