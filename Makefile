@@ -20,7 +20,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m benchmarks all --quick
+	$(BIN)/python -m benchmarks all --quick --threads 1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -x -q tests
