@@ -24,7 +24,7 @@ from retrieval.metrics import mean_over_users, rrr_at_k, weighted_rrr_at_k
 from simenv.types import Obs
 from simenv.world import World
 
-__all__ = ["NoisyRanker", "rrr_table", "pipeline_regret", "pair_noise"]
+__all__ = ["NoisyRanker", "rrr_table", "pipeline_regret", "pair_noise", "score_scale"]
 
 
 def pair_noise(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarray:
@@ -50,7 +50,8 @@ class NoisyRanker:
 
     Args:
         ranker: the underlying ranker (``score``, ``score_all``).
-        sigma: noise scale in ranker-score units.
+        sigma: noise scale in ranker-score units (see :func:`score_scale` to set it relative to
+            the spread of the ranker's scores).
         seed: seed of the noise.
     """
 
@@ -98,6 +99,12 @@ class NoisyRanker:
             return np.where(np.isfinite(s), ids, -1), s
         sc = np.take_along_axis(s, ids, axis=1)
         return np.where(np.isfinite(sc), ids, -1), sc
+
+
+def score_scale(ranker: Any, obs: dict[str, np.ndarray]) -> float:
+    """Standard deviation of the ranker's scores over the released catalog for these queries."""
+    s = np.asarray(ranker.score_all(obs), dtype=np.float64)
+    return float(np.std(s[np.isfinite(s)]))
 
 
 def rrr_table(

@@ -54,7 +54,11 @@ class DistillConfig:
         pool_size: items per query scored by the ranker (its top ``pool_size - uniform_extra``
             over the catalog plus ``uniform_extra`` random released items).
         uniform_extra: random released items added to each pool.
-        teacher_temperature: tau_r of the ``kl`` loss (ranker-score units).
+        teacher_temperature: tau_r of the ``kl`` loss (ranker-score units, or standard
+            deviations of the query's pool scores with ``standardize_teacher``).
+        standardize_teacher: divide each query's pool scores (minus their mean) by their standard
+            deviation before the ``kl`` softmax, so tau_r does not depend on the ranker's score
+            scale (click logits, expected rewards...).
         batch_size: queries per distillation batch.
         negatives: negatives of the ``softmax`` loss (default: in-batch + 1024 uniform, logQ3).
         max_queries: training queries given to the teacher (subsampled with the seed).
@@ -66,6 +70,7 @@ class DistillConfig:
     pool_size: int = 200
     uniform_extra: int = 50
     teacher_temperature: float = 1.0
+    standardize_teacher: bool = False
     batch_size: int = 256
     negatives: NegativeSamplerConfig = field(
         default_factory=lambda: NegativeSamplerConfig(
@@ -213,8 +218,21 @@ class DistillObjective:
         valid &= torch.isfinite(teacher)
         if self.cfg.loss == "kl":
             neg = torch.finfo(logits.dtype).min
+            t = teacher
+            if self.cfg.standardize_teacher:
+                vz = torch.where(valid, teacher, torch.zeros_like(teacher))
+                n = valid.sum(dim=1, keepdim=True).clamp(min=1)
+                mu = vz.sum(dim=1, keepdim=True) / n
+                sd = (
+                    (((vz - mu) * valid) ** 2)
+                    .sum(dim=1, keepdim=True)
+                    .div(n)
+                    .sqrt()
+                    .clamp(min=1e-6)
+                )
+                t = (teacher - mu) / sd
             t_log = torch.log_softmax(
-                torch.where(valid, teacher / self.cfg.teacher_temperature, neg), dim=1
+                torch.where(valid, t / self.cfg.teacher_temperature, neg), dim=1
             )
             s_log = torch.log_softmax(torch.where(valid, logits, neg), dim=1)
             p_t = t_log.exp() * valid

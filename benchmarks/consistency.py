@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from agents.base import OracleAgent, PopularAgent, RandomAgent
-from agents.consistency import NoisyRanker, pipeline_regret, rrr_table
+from agents.consistency import NoisyRanker, pipeline_regret, rrr_table, score_scale
 from agents.distill import DistillConfig, DistillObjective, teacher_targets
 from agents.pipeline import MultiStagePipeline, SingleStageAgent, Source
 from agents.rollout import rollout
@@ -35,7 +35,10 @@ from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
 from retrieval.model import TwoTowerModel
 from retrieval.train import TrainConfig, fit_two_tower
 from simenv import BatchedRecEnv
-from simenv.history import impression_examples
+from simenv.history import impression_examples, take_obs
+
+# KL distillation on per-query standardised ranker scores (independent of the score scale)
+KL = dict(loss="kl", standardize_teacher=True, teacher_temperature=0.5)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,9 @@ class ConsistencyConfig(ExperimentConfig):
     weights: tuple[float, ...] = param((1.0, 0.5), "lambda values of the loss comparison")
     teacher_queries: int = param(20_000, "training requests the ranker labels")
     online_users: int = param(2_000, "users per online rollout")
-    noise_sigma: float = param(1.5, "error scale of the imperfect ranker (ranker-score units)")
+    noise_sigma: float = param(
+        1.0, "error of the imperfect ranker, in standard deviations of its scores over the catalog"
+    )
     sweep: tuple[float, ...] = param(
         (0.0, 0.25, 0.5, 0.75, 1.0), "lambda values of the imperfect-ranker sweep"
     )
@@ -188,7 +193,11 @@ def run(cfg: ConsistencyConfig, ctx: RunContext) -> None:
                 }
             )
         # 4. imperfect ranker: lambda sweep
-        noisy = NoisyRanker(ranker, cfg.noise_sigma, seed=seed)
+        noisy = NoisyRanker(
+            ranker,
+            cfg.noise_sigma * score_scale(ranker, take_obs(ev.obs, np.arange(min(200, len(ev))))),
+            seed=seed,
+        )
         n_targets = teacher_targets(
             noisy,
             queries,
@@ -224,7 +233,8 @@ def run(cfg: ConsistencyConfig, ctx: RunContext) -> None:
     rep = ctx.report
     ctx.report.section(
         "Setup",
-        "The ranker (DCN-v2 over user, item and cross features) is trained on the training period's impressions. "
+        "The ranker (DCN-v2 over user, item and cross features, click head) is trained on the training period's "
+        "impressions. "
         "R_k is its top-10 over the whole released catalog for the held-out users. Generators: the default two-tower "
         "recipe (ID items, mean pooling, cosine with learnable temperature, in-batch + uniform negatives, logQ3) "
         "trained on positives only, or distilled toward the ranker's choices on its top-"
