@@ -99,7 +99,9 @@ def collect(
         if max_steps is not None and steps >= max_steps:
             break
         out = policy.act(obs)
-        slates, prop = out if isinstance(out, tuple) else (out, getattr(policy, "last_propensities", None))
+        slates, prop = (
+            out if isinstance(out, tuple) else (out, getattr(policy, "last_propensities", None))
+        )
         slates = np.asarray(slates, dtype=np.int64)
         ctx = obs[Obs.CONTEXT]
         user_now = obs[Obs.USER]

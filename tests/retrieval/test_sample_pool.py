@@ -27,7 +27,14 @@ def test_uniform_and_popularity_negatives_stay_in_the_pool():
 
     pos = torch.tensor([10, 11, 12, 13])
     u = torch.randn(4, 4)
-    out = loss(u, pos, table[pos], encode_items=enc, generator=torch.Generator().manual_seed(1), frequency=np.ones(50))
+    out = loss(
+        u,
+        pos,
+        table[pos],
+        encode_items=enc,
+        generator=torch.Generator().manual_seed(1),
+        frequency=np.ones(50),
+    )
     out.backward()
     drawn = torch.cat(seen)
     assert drawn.numel() == 512

@@ -194,7 +194,9 @@ def in_range(cls_name: str, field: str, value: Any) -> bool:
     if integer:
         if not isinstance(value, (int, np.integer)):
             return False
-    elif not isinstance(value, (int, float, np.integer, np.floating)):  # any numpy float is a number
+    elif not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):  # any numpy float is a number
         return False
     try:
         v = float(value)
