@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from simenv.arrays import unique_rows
+
 __all__ = [
     "Scorer",
     "Source",
@@ -64,20 +66,11 @@ class Source:
 def union_candidates(lists: Sequence[np.ndarray]) -> np.ndarray:
     """Row-wise union of id lists (B, K_i), first occurrence kept in source order; -1 padding.
 
-    Vectorised: concatenate, mark repeats of an id within a row by a stable sort, compact
-    the kept ids to the front.
+    Vectorised: concatenate, then :func:`simenv.arrays.unique_rows`.
     """
     cat = np.concatenate([np.asarray(x, dtype=np.int64) for x in lists], axis=1)  # (B, sum K)
-    order = np.argsort(cat, axis=1, kind="stable")
-    s = np.take_along_axis(cat, order, axis=1)
-    first_sorted = np.ones_like(s, dtype=bool)
-    first_sorted[:, 1:] = s[:, 1:] != s[:, :-1]
-    keep = np.empty_like(first_sorted)
-    np.put_along_axis(keep, order, first_sorted, axis=1)
-    keep &= cat >= 0
-    front = np.argsort(~keep, axis=1, kind="stable")
-    out = np.take_along_axis(np.where(keep, cat, -1), front, axis=1)
-    width = int(keep.sum(axis=1).max(initial=0))
+    out = unique_rows(cat)
+    width = int((out >= 0).sum(axis=1).max(initial=0))
     return out[:, : max(width, 1)]
 
 

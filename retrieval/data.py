@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simenv.arrays import unique_rows
 from simenv.history import (
     EventSequences,
     ImpressionExamples,
@@ -228,7 +229,7 @@ def eval_set(
     positives = np.where(valid, items[np.where(valid, idx, 0)] if items.size else 0, -1).astype(
         np.int64
     )
-    positives = _dedupe_rows(positives)
+    positives = unique_rows(positives)
     return EvalSet(
         obs,
         positives,
@@ -236,17 +237,3 @@ def eval_set(
         users.astype(np.int64),
         c[Columns.TIME][head].astype(np.float64),
     )
-
-
-def _dedupe_rows(a: np.ndarray) -> np.ndarray:
-    """Keep the first occurrence of each id per row, in order; -1 padding at the end."""
-    order = np.argsort(a, axis=1, kind="stable")
-    s = np.take_along_axis(a, order, axis=1)
-    first_sorted = np.ones_like(s, dtype=bool)
-    first_sorted[:, 1:] = s[:, 1:] != s[:, :-1]
-    keep = np.empty_like(first_sorted)
-    np.put_along_axis(keep, order, first_sorted, axis=1)
-    keep &= a >= 0
-    front = np.argsort(~keep, axis=1, kind="stable")  # kept ids first, original order
-    out = np.take_along_axis(np.where(keep, a, -1), front, axis=1)
-    return out

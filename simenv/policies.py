@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from simenv.arrays import first_occurrence
 from simenv.config import check_range
 from simenv.types import Obs
 from simenv.world import World
@@ -121,7 +122,7 @@ class LoggingPolicy:
             cand = self._draw(start[todo], end[todo], n_rel_int[todo], m)  # (n, m), replacement
             ok = self._release[cand] <= t[todo, None]  # always true; a guard only
             # keep first occurrences (sequential sampling with rejection of repeats = PL)
-            ok &= _first_occurrence(np.where(ok, cand, -1 - np.arange(m)[None, :]))
+            ok &= first_occurrence(np.where(ok, cand, -1 - np.arange(m)[None, :]))
             # and drop items already in the slate from earlier rounds
             prev = slates[todo]
             ok &= ~(cand[:, :, None] == prev[:, None, :]).any(axis=2)
@@ -159,17 +160,6 @@ class LoggingPolicy:
         # epsilon part: uniform over the released catalog (a prefix of the items by release time)
         uniform = self._by_release[self.rng.integers(n_rel[:, None], size=(n, m))]
         return np.where(explore, uniform, drawn)
-
-
-def _first_occurrence(a: np.ndarray) -> np.ndarray:
-    """Bool mask of the first occurrence of each value in each row of ``a`` (B, m)."""
-    order = np.argsort(a, axis=1, kind="stable")
-    s = np.take_along_axis(a, order, axis=1)
-    first_sorted = np.ones_like(s, dtype=bool)
-    first_sorted[:, 1:] = s[:, 1:] != s[:, :-1]
-    out = np.empty_like(first_sorted)
-    np.put_along_axis(out, order, first_sorted, axis=1)
-    return out
 
 
 class UniformPolicy(LoggingPolicy):
