@@ -66,6 +66,18 @@ class UserTruth:
     patience: np.ndarray
 
 
+def _check_ids(name: str, ids: np.ndarray, n: int) -> np.ndarray:
+    """Integer ids in ``[0, n)`` as int64, else ``ValueError`` naming ``name`` and the range."""
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be integer ids, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise ValueError(
+            f"{name} must be in [0, {n - 1}], got values in [{ids.min()}, {ids.max()}]"
+        )
+    return ids.astype(np.int64, copy=False)
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=-1, keepdims=True)
     return x / np.maximum(norm, 1e-12)
@@ -247,27 +259,11 @@ class World:
         """User population size."""
         return self.config.n_users
 
-    def _check_users(self, users: np.ndarray, name: str = "users") -> np.ndarray:
-        users = np.asarray(users)
-        if not np.issubdtype(users.dtype, np.integer):
-            raise ValueError(f"{name} must be integer ids, got dtype {users.dtype}")
-        if users.size and (users.min() < 0 or users.max() >= self.n_users):
-            raise ValueError(
-                f"{name} must be in [0, {self.n_users - 1}], got values in "
-                f"[{users.min()}, {users.max()}]"
-            )
-        return users.astype(np.int64, copy=False)
+    def _check_users(self, users: np.ndarray) -> np.ndarray:
+        return _check_ids("users", users, self.n_users)
 
-    def _check_items(self, items: np.ndarray, name: str = "items") -> np.ndarray:
-        items = np.asarray(items)
-        if not np.issubdtype(items.dtype, np.integer):
-            raise ValueError(f"{name} must be integer ids, got dtype {items.dtype}")
-        if items.size and (items.min() < 0 or items.max() >= self.n_items):
-            raise ValueError(
-                f"{name} must be in [0, {self.n_items - 1}], got values in "
-                f"[{items.min()}, {items.max()}]"
-            )
-        return items.astype(np.int64, copy=False)
+    def _check_items(self, items: np.ndarray) -> np.ndarray:
+        return _check_ids("items", items, self.n_items)
 
     def utility(
         self,
