@@ -15,6 +15,7 @@ from simenv.config import EnvConfig, RewardConfig, UserModelConfig, WorldConfig
 from simenv.log import ImpressionLog, LogFormatError
 from simenv.policies import InGroupPolicy, LoggingPolicy, PopularityPolicy, UniformPolicy
 from simenv.rec_env import RecEnv
+from simenv.shard import collect_sharded
 from simenv.types import Columns, EventType, ItemCatalog, Obs
 from simenv.world import World
 
@@ -22,6 +23,7 @@ __all__ = [
     "BatchedRecEnv",
     "Columns",
     "collect",
+    "collect_sharded",
     "ImpressionLog",
     "InGroupPolicy",
     "LogFormatError",
