@@ -8,7 +8,7 @@ Each experiment writes ``DIR/NAME/report.md`` and ``results.json``; ``DIR/index.
 regenerated after each one and its path printed at the end.
 
 Exit codes: 0 success; 1 an experiment (or an experiment module) failed, or, with
-``--strict``, a claim failed; 2 bad usage (unknown name, bad option, invalid config).
+``--strict``, a sanity check (or legacy claim) failed; 2 bad usage (unknown name, bad option, invalid config).
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also import this module to register experiments (your own); repeatable",
     )
     p.add_argument(
-        "--strict", action="store_true", help="exit 1 if any claim fails (not only on errors)"
+        "--strict",
+        action="store_true",
+        help="exit 1 if any sanity check fails (not only on errors); findings never fail a run",
     )
     return p
 
@@ -255,8 +257,11 @@ def main(
             status = "ok" if outcome.ok else "FAILED"
             print(
                 f"[{i}/{len(selected)}] {exp.name}: {status} in "
-                f"{format_seconds(outcome.wall_time_s)}; claims {outcome.n_pass} PASS / "
-                f"{outcome.n_fail} FAIL; {outcome.report_path}",
+                f"{format_seconds(outcome.wall_time_s)}; findings "
+                f"{outcome.verdicts.get('HOLDS', 0)} HOLDS / "
+                f"{outcome.verdicts.get('REFUTED', 0)} REFUTED / "
+                f"{outcome.verdicts.get('INCONCLUSIVE', 0)} INCONCLUSIVE; checks "
+                f"{outcome.n_pass} passed / {outcome.n_fail} failed; {outcome.report_path}",
                 file=sys.stderr,
                 flush=True,
             )

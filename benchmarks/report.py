@@ -38,11 +38,13 @@ from typing import Any
 import numpy as np
 
 from benchmarks.provenance import Provenance
-from benchmarks.stats import aggregate_over_seeds, format_number
+from benchmarks.stats import Effect, aggregate_over_seeds, format_number, verdict
 from simenv.atomic import atomic_write as _atomic_write
 
 __all__ = [
     "RunInfo",
+    "Finding",
+    "SanityCheck",
     "Claim",
     "Report",
     "to_jsonable",
@@ -57,7 +59,7 @@ __all__ = [
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
 INDEX_FILE = "index.md"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: findings (three-way verdicts) and sanity checks
 ROW_KEYS = ("world", "policy", "model")  # every results row names these, plus seeds and wall time
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -220,6 +222,110 @@ class RunInfo:
 
 
 @dataclass(frozen=True)
+class Finding:
+    """A claim about an effect, judged three ways from its interval.
+
+    Attributes:
+        text: the claim as a hypothesis, with its minimum effect in words ("distillation
+            raises online reward by at least 2%").
+        metric: what is measured (``"reward per user"``, ``"recall@100"``).
+        direction: ``">"`` (the effect is claimed positive) or ``"<"`` (negative).
+        min_effect: the minimum effect of interest on the effect's scale (>= 0).
+        effect: the estimated effect with its interval (:class:`~benchmarks.stats.Effect`).
+        verdict: ``"HOLDS"``, ``"REFUTED"`` or ``"INCONCLUSIVE"``.
+        note: optional words after the evidence (what the comparison is, a caveat).
+    """
+
+    text: str
+    metric: str
+    direction: str
+    min_effect: float
+    effect: Effect
+    verdict: str
+    note: str = ""
+
+    def min_effect_text(self, spec: str = ".3g") -> str:
+        """The minimum effect in the effect's units (``"2%"``, ``"0.01"``, ``"bar 100×"``)."""
+        e = self.effect
+        sign = "+" if self.direction == ">" else "-"
+        if e.scale == "relative":
+            return f"{sign}{format_number(100.0 * self.min_effect, spec)}%"
+        if e.scale == "ratio":
+            factor = (
+                1.0 + self.min_effect if self.direction == ">" else 1.0 / (1.0 + self.min_effect)
+            )
+            bar = e.null * factor
+            return f"{self.direction} {format_number(bar, spec)}×"
+        return f"{sign}{format_number(self.min_effect, spec)}"
+
+    def evidence(self, spec: str = ".3g") -> str:
+        """One line: effect [CI], the means compared, n and unit, method, minimum effect, MDE."""
+        e = self.effect
+        parts = [f"effect {e.format(spec)}"]
+        if e.treatment is not None and e.control is not None and e.scale != "ratio":
+            parts.append(
+                f"means {format_number(e.treatment, spec)} vs {format_number(e.control, spec)}"
+            )
+        unit = f"n={e.n} {e.unit}"
+        if e.n_inner is not None:
+            unit += f" ({e.n_inner} units in all)"
+        parts.append(unit)
+        parts.append(e.method)
+        parts.append(f"minimum effect {self.min_effect_text(spec)}")
+        mde = e.mde()
+        if mde is not None:
+            if e.scale == "relative":
+                parts.append(f"MDE {format_number(100.0 * mde, spec)}%")
+            elif e.scale == "ratio":
+                parts.append(f"MDE ×{format_number(mde, spec)}")
+            else:
+                parts.append(f"MDE {format_number(mde, spec)}")
+        if e.per_seed:
+            per = ", ".join(format_number(v, spec) for v in e.per_seed)
+            parts.append(f"per seed: {per}")
+        line = "; ".join(parts)
+        return f"{line}. {self.note}" if self.note else line
+
+    def line(self) -> str:
+        """The Markdown verdict line."""
+        return f"- **{self.verdict}** — {self.text} — {self.metric}: {self.evidence()}"
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (the effect in full, the verdict, the evidence line)."""
+        return {
+            "text": self.text,
+            "metric": self.metric,
+            "direction": self.direction,
+            "min_effect": self.min_effect,
+            "verdict": self.verdict,
+            "effect": self.effect.to_json(),
+            "evidence": self.evidence(),
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class SanityCheck:
+    """A check that cannot plausibly fail (the code or the design guarantees it).
+
+    Listed apart from the findings: it guards against a broken run, it is not evidence.
+
+    Attributes:
+        text: what is checked.
+        passed: the computed result.
+        evidence: the numbers behind it.
+    """
+
+    text: str
+    passed: bool
+    evidence: str
+
+    def line(self) -> str:
+        """The Markdown line."""
+        return f"- {'passed' if self.passed else '**FAILED**'} — {self.text} — {self.evidence}"
+
+
+@dataclass(frozen=True)
 class Claim:
     """One claim of an experiment and its verdict.
 
@@ -263,6 +369,8 @@ class Report:
         self._headline: str | None = None
         self._items: list[tuple[str, dict[str, Any]]] = []
         self._claims: list[Claim] = []
+        self._findings: list[Finding] = []
+        self._sanity: list[SanityCheck] = []
         self._figures: list[dict[str, Any]] = []
         self._tables: list[dict[str, Any]] = []
         self._results: dict[str, Any] = {}
@@ -376,6 +484,73 @@ class Report:
         columns = [*by, "seeds", *online, *metrics]
         self.table(title, rows, columns, fmt, f"{note} {std_note}".strip())
         return rows
+
+    def finding(
+        self,
+        text: str,
+        effect: Effect,
+        *,
+        metric: str,
+        direction: str = ">",
+        min_effect: float = 0.0,
+        note: str = "",
+    ) -> Finding:
+        """Record a finding: a claim about an effect, judged HOLDS / REFUTED / INCONCLUSIVE.
+
+        Args:
+            text: the claim with its minimum effect in words, e.g. "the distilled pipeline
+                earns at least 2% more reward than positives-only".
+            effect: the estimated effect (from :func:`~benchmarks.stats.paired_effect`,
+                :func:`~benchmarks.stats.paired_effect_over_seeds`,
+                :func:`~benchmarks.stats.one_sample_effect`,
+                :func:`~benchmarks.stats.ratio_effect`...).
+            metric: the metric measured.
+            direction: ``">"`` if the claim says the effect is positive, ``"<"`` if negative.
+            min_effect: the minimum effect of interest (>= 0) on the effect's scale.
+            note: optional words shown after the evidence.
+
+        Returns:
+            The recorded :class:`Finding`.
+
+        Raises:
+            ValueError: if ``effect`` is not an Effect, or for a bad direction / min_effect.
+        """
+        if not isinstance(effect, Effect):
+            raise ValueError(
+                f"finding {text!r}: effect must be a benchmarks.stats.Effect, "
+                f"got {type(effect).__name__}"
+            )
+        v = verdict(effect, direction, min_effect)
+        f = Finding(
+            " ".join(str(text).split()),
+            " ".join(str(metric).split()),
+            direction,
+            float(min_effect),
+            effect,
+            v,
+            " ".join(str(note).split()),
+        )
+        self._findings.append(f)
+        return f
+
+    def sanity(self, text: str, passed: bool, evidence: str) -> SanityCheck:
+        """Record a sanity check: something the design guarantees, listed apart from findings.
+
+        Args:
+            text: what is checked.
+            passed: the computed result (a bool, never a literal).
+            evidence: the numbers behind it.
+
+        Raises:
+            ValueError: if ``passed`` is not a bool.
+        """
+        if not isinstance(passed, (bool, np.bool_)):
+            raise ValueError(
+                f"sanity check {text!r}: passed must be a bool, got {type(passed).__name__}"
+            )
+        c = SanityCheck(" ".join(str(text).split()), bool(passed), " ".join(str(evidence).split()))
+        self._sanity.append(c)
+        return c
 
     def claim(self, text: str, passed: bool, evidence: str) -> Claim:
         """Record a claim whose verdict the experiment computed from its numbers.
@@ -520,8 +695,28 @@ class Report:
 
     @property
     def claims(self) -> list[Claim]:
-        """The claims recorded so far."""
+        """The legacy claims recorded so far (bare comparisons; being retired)."""
         return list(self._claims)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """The findings recorded so far."""
+        return list(self._findings)
+
+    @property
+    def sanity_checks(self) -> list[SanityCheck]:
+        """The sanity checks recorded so far."""
+        return list(self._sanity)
+
+    def verdict_counts(self) -> dict[str, int]:
+        """Findings per verdict plus sanity checks passed / failed (index and CLI summary)."""
+        out = {
+            v: sum(f.verdict == v for f in self._findings)
+            for v in ("HOLDS", "REFUTED", "INCONCLUSIVE")
+        }
+        out["sanity_passed"] = sum(c.passed for c in self._sanity)
+        out["sanity_failed"] = sum(not c.passed for c in self._sanity)
+        return out
 
     @property
     def failed(self) -> bool:
@@ -535,6 +730,12 @@ class Report:
             return f"ERROR: {last}"
         if self._headline:
             return self._headline
+        if self._findings:
+            c = self.verdict_counts()
+            return (
+                f"{c['HOLDS']} HOLDS, {c['REFUTED']} REFUTED, {c['INCONCLUSIVE']} INCONCLUSIVE "
+                f"of {len(self._findings)} findings"
+            )
         if self._claims:
             n_pass = sum(c.passed for c in self._claims)
             return f"{n_pass}/{len(self._claims)} claims pass"
@@ -569,6 +770,17 @@ class Report:
             "versions": dict(p.versions),
             "git": dict(p.git),
             "machine": dict(p.machine),
+            "findings_summary": {
+                k: v for k, v in self.verdict_counts().items() if not k.startswith("sanity")
+            },
+            "sanity_summary": {
+                "passed": sum(c.passed for c in self._sanity),
+                "failed": sum(not c.passed for c in self._sanity),
+            },
+            "findings": [f.to_json() for f in self._findings],
+            "sanity": [
+                {"text": c.text, "passed": c.passed, "evidence": c.evidence} for c in self._sanity
+            ],
             "claims_summary": {"pass": n_pass, "fail": len(self._claims) - n_pass},
             "claims": [
                 {"text": c.text, "verdict": c.verdict, "passed": c.passed, "evidence": c.evidence}
@@ -597,9 +809,42 @@ class Report:
             f"seeds {seeds} · wall time {format_seconds(wall_time_s)}",
             "",
         ]
+        if self._findings:
+            c = self.verdict_counts()
+            out += [
+                f"## Findings ({c['HOLDS']} HOLDS, {c['REFUTED']} REFUTED, "
+                f"{c['INCONCLUSIVE']} INCONCLUSIVE)",
+                "",
+            ]
+            if info.quick or len(info.seeds) < 2:
+                out += [
+                    "*Quick profile or one seed: verdicts are indicative, not published results.*",
+                    "",
+                ]
+            out += [f.line() for f in self._findings] + [""]
+            out += [
+                "HOLDS: the 95% interval lies on the claimed side and the estimate reaches the "
+                "minimum effect; REFUTED: the interval lies entirely below the minimum effect "
+                "(or on the other side); INCONCLUSIVE: neither. MDE: the effect this sample "
+                "size detects with 80% power.",
+                "",
+            ]
+        if self._sanity:
+            ok = sum(c.passed for c in self._sanity)
+            out += [f"## Sanity checks ({ok} passed, {len(self._sanity) - ok} failed)", ""]
+            out += [
+                "Checks the design guarantees; they guard against a broken run and are not "
+                "counted as findings.",
+                "",
+            ]
+            out += [c.line() for c in self._sanity] + [""]
         if self._claims:
             n_pass = sum(c.passed for c in self._claims)
-            out += [f"## Claims ({n_pass} PASS, {len(self._claims) - n_pass} FAIL)", ""]
+            out += [
+                f"## Legacy claims ({n_pass} PASS, {len(self._claims) - n_pass} FAIL; "
+                "bare comparisons without an interval, being retired)",
+                "",
+            ]
             out += [c.line() for c in self._claims] + [""]
         if self._error is not None:
             out += [
@@ -724,9 +969,11 @@ def _qualname(obj: Any) -> str:
 def write_index(reports_dir: Path | str, order: Sequence[str] = ()) -> Path:
     """Regenerate ``reports_dir/index.md`` from every ``*/results.json`` below it.
 
-    One table row per experiment: a link to its report, its headline, its claims'
-    PASS / FAIL counts (or ERROR) and its wall time. Experiments named in ``order`` come
-    first in that order, the others follow alphabetically. Unreadable results are listed
+    One table row per experiment: a link to its report, its headline, its findings by verdict
+    (HOLDS / REFUTED / INCONCLUSIVE), its sanity checks passed / failed (or ERROR), its seeds,
+    its profile and its wall time. When any listed report is a quick profile or has one seed,
+    the index says plainly that those verdicts are indicative. Experiments named in ``order``
+    come first in that order, the others follow alphabetically. Unreadable results are listed
     as such rather than skipped.
 
     Args:
@@ -747,25 +994,50 @@ def write_index(reports_dir: Path | str, order: Sequence[str] = ()) -> Path:
     rank = {name: i for i, name in enumerate(order)}
     names = sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
     rows = []
+    indicative = False
+    totals = {"HOLDS": 0, "REFUTED": 0, "INCONCLUSIVE": 0, "passed": 0, "failed": 0}
     for name in names:
         doc = found[name]
         link = f"[{name}]({name}/{REPORT_FILE})"
         if doc is None:
-            rows.append([link, f"unreadable {RESULTS_FILE}", "—", "—", "—"])
+            rows.append([link, f"unreadable {RESULTS_FILE}", "—", "—", "—", "—", "—"])
             continue
-        summary = doc.get("claims_summary") or {}
+        fs = doc.get("findings_summary") or {}
+        ss = doc.get("sanity_summary") or {}
+        legacy = doc.get("claims_summary") or {}
+        n_legacy = legacy.get("pass", 0) + legacy.get("fail", 0)
         if doc.get("status") == "error":
-            claims = "ERROR"
-        elif summary.get("pass", 0) + summary.get("fail", 0) == 0:
-            claims = "no claims"
+            findings = "ERROR"
+        elif sum(fs.values()) == 0 and n_legacy == 0:
+            findings = "no findings"
         else:
-            claims = f"{summary.get('pass', 0)} PASS / {summary.get('fail', 0)} FAIL"
+            findings = (
+                f"{fs.get('HOLDS', 0)} HOLDS / {fs.get('REFUTED', 0)} REFUTED / "
+                f"{fs.get('INCONCLUSIVE', 0)} INCONCLUSIVE"
+            )
+            if n_legacy:
+                findings += f" (+{n_legacy} legacy claims)"
+        for k in ("HOLDS", "REFUTED", "INCONCLUSIVE"):
+            totals[k] += int(fs.get(k, 0))
+        totals["passed"] += int(ss.get("passed", 0))
+        totals["failed"] += int(ss.get("failed", 0))
+        sanity = (
+            "—"
+            if not ss or ss.get("passed", 0) + ss.get("failed", 0) == 0
+            else f"{ss.get('passed', 0)} passed / {ss.get('failed', 0)} failed"
+        )
+        seeds = doc.get("seeds") or []
+        profile = str(doc.get("profile", "—"))
+        if profile == "quick" or len(seeds) < 2:
+            indicative = True
         rows.append(
             [
                 link,
                 _md_escape(_md_line(doc.get("headline", ""))),
-                claims,
-                _md_escape(str(doc.get("profile", "—"))),
+                findings,
+                sanity,
+                _md_escape(",".join(str(s) for s in seeds) or "—"),
+                _md_escape(profile),
                 format_seconds(doc.get("wall_time_s")),
             ]
         )
@@ -776,8 +1048,33 @@ def write_index(reports_dir: Path | str, order: Sequence[str] = ()) -> Path:
         f"`{RESULTS_FILE}` files in this folder. One row per experiment.",
         "",
     ]
+    if indicative:
+        lines += [
+            "**Quick profile or one seed (rows marked so): verdicts are indicative.** The "
+            "published set is the full profile with 3 seeds (`make reports`).",
+            "",
+        ]
     if rows:
-        lines.append(_md_table(["experiment", "headline", "claims", "profile", "wall time"], rows))
+        lines.append(
+            _md_table(
+                [
+                    "experiment",
+                    "headline",
+                    "findings",
+                    "sanity checks",
+                    "seeds",
+                    "profile",
+                    "wall time",
+                ],
+                rows,
+            )
+        )
+        lines += [
+            "",
+            f"In all: {totals['HOLDS']} HOLDS, {totals['REFUTED']} REFUTED, "
+            f"{totals['INCONCLUSIVE']} INCONCLUSIVE; sanity checks {totals['passed']} passed, "
+            f"{totals['failed']} failed.",
+        ]
     else:
         lines.append("No reports yet.")
     return atomic_write(root / INDEX_FILE, "\n".join(lines) + "\n")

@@ -222,8 +222,10 @@ class RunOutcome:
     Attributes:
         name: the experiment.
         ok: False if it raised (or its report could not be written).
-        n_pass: claims that passed.
-        n_fail: claims that failed.
+        n_pass: sanity checks (and legacy claims) that passed.
+        n_fail: sanity checks (and legacy claims) that failed: something the design
+            guarantees did not happen (``--strict`` exits 1 on these).
+        verdicts: findings per verdict (``HOLDS``, ``REFUTED``, ``INCONCLUSIVE``).
         wall_time_s: wall time of the run.
         report_path: path of report.md (``None`` if it could not be written).
         headline: the headline written to the index.
@@ -236,6 +238,7 @@ class RunOutcome:
     wall_time_s: float
     report_path: Path | None
     headline: str
+    verdicts: dict[str, int] = field(default_factory=dict)
 
 
 def _remove_stale_figures(out_dir: Path) -> None:
@@ -311,16 +314,18 @@ def run_experiment(
         traceback.print_exc()
         path = None
     write_index(out_root, order)
-    claims = report.claims
-    n_pass = sum(c.passed for c in claims)
+    checks = [c.passed for c in report.claims] + [c.passed for c in report.sanity_checks]
+    n_pass = sum(checks)
+    counts = report.verdict_counts()
     return RunOutcome(
         name=exp.name,
         ok=not report.failed and path is not None,
         n_pass=n_pass,
-        n_fail=len(claims) - n_pass,
+        n_fail=len(checks) - n_pass,
         wall_time_s=wall,
         report_path=path,
         headline=report.headline_text(),
+        verdicts={k: counts[k] for k in ("HOLDS", "REFUTED", "INCONCLUSIVE")},
     )
 
 

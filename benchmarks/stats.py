@@ -14,6 +14,10 @@ Markdown cell) and ``to_json()`` (the results.json entry):
   repetitions, so machine noise hits both): geometric mean of the paired ratios with a t
   interval on the log scale (``paired_ratio``, ``side_by_side``).
 
+And the evidence behind every finding of a report: an :class:`Effect` (paired over users,
+combined over seeds, against a bar, or a side-by-side ratio) and its three-way
+:func:`verdict` (HOLDS / REFUTED / INCONCLUSIVE against a stated minimum effect).
+
 All functions take plain sequences or numpy arrays and work on whole arrays at once.
 """
 
@@ -39,6 +43,15 @@ __all__ = [
     "side_by_side",
     "aggregate_over_seeds",
     "format_number",
+    "Effect",
+    "VERDICTS",
+    "verdict",
+    "paired_effect",
+    "paired_effect_over_seeds",
+    "combine_seeds",
+    "one_sample_effect",
+    "ratio_effect",
+    "unpaired_effect",
 ]
 
 
@@ -471,3 +484,577 @@ def aggregate_over_seeds(
             agg[m] = online_summary([np.asarray(r[m], dtype=np.float64) for r in group])
         out.append(agg)
     return out
+
+
+# --------------------------------------------------------------------------- effects and verdicts
+#
+# A *finding* is a claim about the direction and size of an effect: "treatment beats control on
+# reward by at least 2%". Its evidence is an :class:`Effect`: a point estimate, a 95% interval,
+# the unit of resampling (users, seeds, repetitions) and how the interval was computed. The
+# verdict (:func:`verdict`) is three-way:
+#
+# - HOLDS: the interval lies entirely on the claimed side of "no effect" and the point estimate
+#   reaches the minimum effect of interest;
+# - REFUTED: the interval lies entirely below the minimum effect (on the claimed side's scale);
+#   with a minimum effect of 0 that is "entirely in the opposite direction";
+# - INCONCLUSIVE: anything else (including an undefined interval, e.g. one seed with no users).
+#
+# Paired designs (the same users meet both agents; the same evaluation users score both models)
+# use per-unit differences. Several seeds are combined by a Student-t interval over the per-seed
+# paired effects (each seed is one replication of the whole experiment: world, log, training,
+# users), which is conservative with 3 seeds (t_{0.975, 2} = 4.30) but has the right coverage;
+# a bootstrap over 3 seeds would not.
+
+VERDICTS = ("HOLDS", "REFUTED", "INCONCLUSIVE")
+DIRECTIONS = (">", "<")
+SCALES = ("absolute", "relative", "ratio")
+DEFAULT_POWER = 0.8
+
+
+@dataclass(frozen=True)
+class Effect:
+    """An estimated effect with its confidence interval and how it was obtained.
+
+    The effect is on one of three scales:
+
+    - ``"absolute"``: treatment − control (or value − reference), in the metric's units;
+      "no effect" is 0.
+    - ``"relative"``: treatment / control − 1 (a fraction: 0.05 means +5%); "no effect" is 0.
+    - ``"ratio"``: a ratio measured side by side (geometric mean of paired ratios), compared
+      with a bar ``null`` (1 for "faster at all", 100 for "at least 100x"); intervals are
+      computed on the log scale.
+
+    Attributes:
+        estimate: the point estimate on the effect's scale.
+        low: lower bound of the interval; ``None`` when undefined (too few units).
+        high: upper bound; ``None`` when undefined.
+        n: number of resampling units behind the interval (users, seeds, repetitions).
+        unit: what a unit is (``"users"``, ``"seeds"``, ``"repetitions"``...).
+        method: how the interval was computed, in words (printed in the evidence line).
+        scale: ``"absolute"``, ``"relative"`` or ``"ratio"``.
+        null: the value meaning "no effect" (0 for differences; the bar for ratios).
+        se: standard error on the interval's working scale (log scale for ratios).
+        df: degrees of freedom of the t quantile (``None`` for a normal/bootstrap interval).
+        level: confidence level.
+        treatment: mean of the treatment side (for the evidence line), if any.
+        control: mean of the control side / the reference, if any.
+        per_seed: the per-seed effects when several seeds were combined.
+        n_inner: total inner units (e.g. users over all seeds) when ``unit`` is seeds.
+    """
+
+    estimate: float
+    low: float | None
+    high: float | None
+    n: int
+    unit: str
+    method: str
+    scale: str = "absolute"
+    null: float = 0.0
+    se: float | None = None
+    df: float | None = None
+    level: float = 0.95
+    treatment: float | None = None
+    control: float | None = None
+    per_seed: tuple[float, ...] = ()
+    n_inner: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
+        if self.scale == "ratio" and not self.null > 0:
+            raise ValueError(f"a ratio effect needs a positive bar (null), got {self.null!r}")
+
+    @property
+    def defined(self) -> bool:
+        """True when the interval exists and every bound is finite."""
+        vals = (self.estimate, self.low, self.high)
+        return all(v is not None and math.isfinite(v) for v in vals)
+
+    def margins(self) -> tuple[float, float, float] | None:
+        """(estimate, low, high) as distances from "no effect" on the working scale.
+
+        Differences: the values themselves minus ``null`` (0). Ratios: log(value / null).
+        ``None`` when the interval is undefined.
+        """
+        if not self.defined:
+            return None
+        vals = (float(self.estimate), float(self.low), float(self.high))  # type: ignore[arg-type]
+        if self.scale == "ratio":
+            if min(vals) <= 0:
+                return None
+            return tuple(math.log(v / self.null) for v in vals)  # type: ignore[return-value]
+        return tuple(v - self.null for v in vals)  # type: ignore[return-value]
+
+    def mde(self, power: float = DEFAULT_POWER) -> float | None:
+        """Minimum detectable effect at this sample size.
+
+        The true effect that a two-sided test at ``1 - level`` detects with probability
+        ``power``.
+
+        ``(q_{(1+level)/2} + q_{power}) · se`` with Student-t quantiles on ``df`` degrees of
+        freedom (normal quantiles when ``df`` is None). On the ratio scale it is returned as a
+        multiplicative factor (``exp`` of the log-scale MDE), e.g. 1.08 = "8% faster".
+        """
+        if self.se is None or not math.isfinite(self.se):
+            return None
+        from scipy import stats as _st
+
+        if self.df is not None and self.df >= 1:
+            q = _st.t.ppf(0.5 * (1.0 + self.level), self.df) + _st.t.ppf(power, self.df)
+        else:
+            q = _st.norm.ppf(0.5 * (1.0 + self.level)) + _st.norm.ppf(power)
+        m = float(q) * float(self.se)
+        return math.exp(m) if self.scale == "ratio" else m
+
+    def format(self, spec: str = ".3g") -> str:
+        """Render the estimate and interval, e.g. ``"+0.41 [+0.12, +0.70]"`` or ``"+4.1%"``."""
+
+        def f(v: float | None) -> str:
+            if v is None:
+                return "—"
+            if self.scale == "relative":
+                return format_number(100.0 * v, "+" + spec) + "%"
+            if self.scale == "ratio":
+                return format_number(v, spec) + "×"
+            return format_number(v, "+" + spec)
+
+        if self.low is None or self.high is None:
+            return f"{f(self.estimate)} (no interval: n={self.n} {self.unit})"
+        return f"{f(self.estimate)} [{f(self.low)}, {f(self.high)}]"
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict of every attribute plus the MDE."""
+        return {
+            "estimate": self.estimate,
+            "low": self.low,
+            "high": self.high,
+            "n": self.n,
+            "unit": self.unit,
+            "method": self.method,
+            "scale": self.scale,
+            "null": self.null,
+            "se": self.se,
+            "df": self.df,
+            "level": self.level,
+            "treatment": self.treatment,
+            "control": self.control,
+            "per_seed": list(self.per_seed),
+            "n_inner": self.n_inner,
+            "mde": self.mde(),
+        }
+
+
+def verdict(effect: Effect, direction: str = ">", min_effect: float = 0.0) -> str:
+    """The three-way verdict of a finding.
+
+    Args:
+        effect: the estimated effect.
+        direction: ``">"`` (the claim says the effect is positive: treatment above control,
+            value above the bar) or ``"<"`` (negative: below).
+        min_effect: the minimum effect of interest, >= 0, on the effect's scale (absolute:
+            metric units; relative: a fraction, 0.02 = 2%; ratio: a fraction of the bar on the
+            log scale, ``log(1 + min_effect)``, usually 0 for a bar).
+
+    Returns:
+        ``"HOLDS"`` if the interval lies on the claimed side of no effect and the estimate
+        reaches ``min_effect``; ``"REFUTED"`` if the interval lies entirely below
+        ``min_effect`` on the claimed side (with ``min_effect = 0``: entirely in the opposite
+        direction); ``"INCONCLUSIVE"`` otherwise, and whenever the interval is undefined.
+
+    Raises:
+        ValueError: for an unknown direction or a negative / non-finite ``min_effect``.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if not (isinstance(min_effect, (int, float, np.floating, np.integer)) and min_effect >= 0):
+        raise ValueError(f"min_effect must be a number >= 0, got {min_effect!r}")
+    if not math.isfinite(float(min_effect)):
+        raise ValueError(f"min_effect must be finite, got {min_effect!r}")
+    m = effect.margins()
+    if m is None:
+        return "INCONCLUSIVE"
+    est, low, high = m
+    if direction == "<":
+        est, low, high = -est, -high, -low
+    threshold = math.log1p(float(min_effect)) if effect.scale == "ratio" else float(min_effect)
+    if low > 0 and est >= threshold:
+        return "HOLDS"
+    if high < threshold or high < 0:
+        return "REFUTED"
+    return "INCONCLUSIVE"
+
+
+def _t_effect(
+    diffs: np.ndarray, level: float
+) -> tuple[float, float | None, float | None, float | None, int | None]:
+    """Mean, t-interval bounds, standard error and dof of per-unit values."""
+    n = int(diffs.size)
+    mean = float(diffs.mean())
+    if n < 2:
+        return mean, None, None, None, None
+    se = float(diffs.std(ddof=1)) / math.sqrt(n)
+    half = _t_quantile(level, n - 1) * se
+    return mean, mean - half, mean + half, se, n - 1
+
+
+def _check_pair(treatment: Any, control: Any) -> tuple[np.ndarray, np.ndarray]:
+    a = _as_1d(treatment, "treatment")
+    b = _as_1d(control, "control")
+    if a.shape != b.shape:
+        raise ValueError(
+            "treatment and control must be aligned per unit (same users in the same order), "
+            f"got lengths {a.size} and {b.size}"
+        )
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("treatment and control must be finite (a NaN or inf was given)")
+    return a, b
+
+
+def paired_effect(
+    treatment: Sequence[float] | np.ndarray,
+    control: Sequence[float] | np.ndarray,
+    *,
+    relative: bool = False,
+    method: str = "t",
+    rng: np.random.Generator | None = None,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    unit: str = "users",
+) -> Effect:
+    """The paired effect of treatment over control from per-unit values of one seed.
+
+    Unit ``i`` of both arrays must be the same unit (the same user meeting both agents, the
+    same evaluation user scored by both models), so everything the two share cancels in the
+    difference.
+
+    Absolute (default): mean of ``treatment_i − control_i``. Relative: ``mean(treatment) /
+    mean(control) − 1``; its t interval uses the delta method (the standard error of a ratio
+    of paired means: ``sd(t_i − r·c_i) / (√n · mean(c))``).
+
+    Args:
+        treatment: per-unit values under the treatment.
+        control: per-unit values under the control, aligned with ``treatment``.
+        relative: report the relative effect instead of the difference.
+        method: ``"t"`` (Student-t on the paired differences) or ``"bootstrap"`` (percentile
+            bootstrap over units, resampling pairs; needs ``rng``).
+        rng: the generator for the bootstrap.
+        n_resamples: bootstrap resamples (>= 100).
+        level: confidence level in (0, 1).
+        unit: what a unit is, for the evidence line.
+
+    Returns:
+        An :class:`Effect` (``n`` = number of units).
+
+    Raises:
+        ValueError: on misaligned or non-finite inputs, an unknown method, a bootstrap without
+            an rng, or a relative effect over a control whose mean is 0.
+    """
+    level = _check_level(level)
+    a, b = _check_pair(treatment, control)
+    n = int(a.size)
+    mean_a, mean_b = float(a.mean()), float(b.mean())
+    if relative and mean_b == 0:
+        raise ValueError("a relative effect needs a control whose mean is not 0")
+    if method == "t":
+        if relative:
+            r = mean_a / mean_b
+            est = r - 1.0
+            if n < 2:
+                lo = hi = se = df = None
+            else:
+                se = float(np.std(a - r * b, ddof=1)) / (math.sqrt(n) * abs(mean_b))
+                half = _t_quantile(level, n - 1) * se
+                lo, hi, df = est - half, est + half, n - 1
+            desc = f"paired t over {unit} (delta method)"
+        else:
+            est, lo, hi, se, df = _t_effect(a - b, level)
+            desc = f"paired t over {unit}"
+    elif method == "bootstrap":
+        if not isinstance(rng, np.random.Generator):
+            raise ValueError("method='bootstrap' needs rng, a numpy.random.Generator")
+        if int(n_resamples) < 100:
+            raise ValueError(f"n_resamples must be >= 100, got {n_resamples}")
+        est = mean_a / mean_b - 1.0 if relative else mean_a - mean_b
+        if n < 2:
+            lo = hi = se = df = None
+        else:
+            rows = max(1, (1 << 22) // n)
+            stats_ = np.empty(int(n_resamples))
+            for s in range(0, int(n_resamples), rows):
+                m = min(rows, int(n_resamples) - s)
+                idx = rng.integers(0, n, size=(m, n))  # (m, n) resampled units, pairs kept
+                ra, rb = a[idx].mean(axis=1), b[idx].mean(axis=1)  # (m,)
+                stats_[s : s + m] = ra / rb - 1.0 if relative else ra - rb
+            alpha = 0.5 * (1.0 - level)
+            lo, hi = (float(v) for v in np.quantile(stats_, [alpha, 1.0 - alpha]))
+            se, df = float(stats_.std(ddof=1)), n - 1
+        desc = f"paired bootstrap over {unit} ({int(n_resamples)} resamples)"
+    else:
+        raise ValueError(f"method must be 't' or 'bootstrap', got {method!r}")
+    return Effect(
+        estimate=float(est),
+        low=lo,
+        high=hi,
+        n=n,
+        unit=unit,
+        method=desc,
+        scale="relative" if relative else "absolute",
+        se=se,
+        df=df,
+        level=level,
+        treatment=mean_a,
+        control=mean_b,
+    )
+
+
+def combine_seeds(per_seed: Sequence[Effect], level: float = 0.95) -> Effect:
+    """Combine per-seed effects (same scale) by a Student-t interval over seeds.
+
+    Each seed is one replication of the whole experiment (world, log, training, users); the
+    interval over the per-seed point estimates therefore covers the seed-to-seed variation
+    as well as the user sampling inside each seed. With one seed, the seed's own effect (its
+    interval over users) is returned unchanged.
+
+    Args:
+        per_seed: one :class:`Effect` per seed, all on the same scale.
+        level: confidence level.
+
+    Returns:
+        The combined :class:`Effect` (``unit="seeds"``, ``per_seed`` = the seed estimates,
+        ``n_inner`` = total inner units).
+
+    Raises:
+        ValueError: on an empty list or mixed scales.
+    """
+    level = _check_level(level)
+    if len(per_seed) == 0:
+        raise ValueError("per_seed must hold at least one seed's effect, got none")
+    scales = {e.scale for e in per_seed}
+    if len(scales) != 1:
+        raise ValueError(f"per-seed effects must share one scale, got {sorted(scales)}")
+    if len(per_seed) == 1:
+        return per_seed[0]
+    est = np.array([e.estimate for e in per_seed], dtype=np.float64)
+    mean, lo, hi, se, df = _t_effect(est, level)
+    inner = sum(e.n for e in per_seed)
+    first = per_seed[0]
+    tr = [e.treatment for e in per_seed]
+    co = [e.control for e in per_seed]
+    return Effect(
+        estimate=mean,
+        low=lo,
+        high=hi,
+        n=len(per_seed),
+        unit="seeds",
+        method=f"t over {len(per_seed)} per-seed effects ({first.method})",
+        scale=first.scale,
+        null=first.null,
+        se=se,
+        df=df,
+        level=level,
+        treatment=None if None in tr else float(np.mean(tr)),
+        control=None if None in co else float(np.mean(co)),
+        per_seed=tuple(float(v) for v in est),
+        n_inner=int(inner),
+    )
+
+
+def paired_effect_over_seeds(
+    treatments: Sequence[Sequence[float] | np.ndarray],
+    controls: Sequence[Sequence[float] | np.ndarray],
+    *,
+    relative: bool = False,
+    method: str = "t",
+    rngs: Sequence[np.random.Generator] | None = None,
+    level: float = 0.95,
+    unit: str = "users",
+) -> Effect:
+    """Paired effect per seed (:func:`paired_effect`), combined over seeds (:func:`combine_seeds`).
+
+    Args:
+        treatments: one array of per-unit values per seed.
+        controls: one array per seed, each aligned with the same seed's treatment array.
+        relative: relative effects (each seed's ratio of means − 1).
+        method: ``"t"`` or ``"bootstrap"`` inside each seed.
+        rngs: one generator per seed for the bootstrap.
+        level: confidence level.
+        unit: what a unit inside a seed is.
+
+    Returns:
+        One seed: the paired effect over its units; several: a t interval over the seeds'
+        paired effects.
+    """
+    if len(treatments) != len(controls) or len(treatments) == 0:
+        raise ValueError(
+            "treatments and controls must hold one array per seed, the same number of seeds, "
+            f"got {len(treatments)} and {len(controls)}"
+        )
+    if method == "bootstrap" and (rngs is None or len(rngs) != len(treatments)):
+        raise ValueError("method='bootstrap' needs rngs, one numpy Generator per seed")
+    per = [
+        paired_effect(
+            t,
+            c,
+            relative=relative,
+            method=method,
+            rng=None if rngs is None else rngs[i],
+            level=level,
+            unit=unit,
+        )
+        for i, (t, c) in enumerate(zip(treatments, controls, strict=True))
+    ]
+    return combine_seeds(per, level)
+
+
+def one_sample_effect(
+    values: Sequence[float] | np.ndarray,
+    reference: float,
+    *,
+    relative: bool = False,
+    level: float = 0.95,
+    unit: str = "seeds",
+) -> Effect:
+    """A measured quantity against a fixed reference (a bar), with a t interval over units.
+
+    Args:
+        values: one measurement per unit (seed, repetition); at least two for an interval.
+        reference: the bar.
+        relative: effect as ``mean / reference − 1`` (interval scaled the same way).
+        level: confidence level.
+        unit: what a unit is.
+
+    Returns:
+        An :class:`Effect` of ``mean(values) − reference`` (or the relative version).
+
+    Raises:
+        ValueError: on empty / non-finite values, or a relative effect against reference 0.
+    """
+    level = _check_level(level)
+    x = _as_1d(values, "values")
+    if not np.isfinite(x).all():
+        raise ValueError("values must be finite (a NaN or inf was given)")
+    ref = float(reference)
+    if not math.isfinite(ref):
+        raise ValueError(f"reference must be finite, got {reference!r}")
+    if relative and ref == 0:
+        raise ValueError("a relative effect needs a reference that is not 0")
+    scale = 1.0 / abs(ref) if relative else 1.0
+    mean, lo, hi, se, df = _t_effect((x - ref) * scale, level)
+    return Effect(
+        estimate=mean,
+        low=lo,
+        high=hi,
+        n=int(x.size),
+        unit=unit,
+        method=f"t over {unit}",
+        scale="relative" if relative else "absolute",
+        se=se,
+        df=df,
+        level=level,
+        treatment=float(x.mean()),
+        control=ref,
+    )
+
+
+def ratio_effect(
+    numerator: Sequence[float] | np.ndarray,
+    denominator: Sequence[float] | np.ndarray,
+    *,
+    bar: float = 1.0,
+    level: float = 0.95,
+    unit: str = "repetitions",
+) -> Effect:
+    """A ratio measured side by side, against a bar: geometric mean with a log-scale t interval.
+
+    Pair ``i`` comes from one repetition (e.g. two timings taken back to back), so machine
+    noise common to both cancels in ``log(numerator_i / denominator_i)``.
+
+    Args:
+        numerator: positive values, one per repetition.
+        denominator: positive values, paired with ``numerator``.
+        bar: the ratio the claim compares with (1: "faster at all"; 100: "at least 100x").
+        level: confidence level.
+        unit: what a repetition is.
+
+    Returns:
+        An :class:`Effect` on the ratio scale with ``null = bar``.
+    """
+    r = paired_ratio(numerator, denominator, level)
+    num = _as_1d(numerator, "numerator")
+    den = _as_1d(denominator, "denominator")
+    logs = np.log(num) - np.log(den)
+    se = float(logs.std(ddof=1)) / math.sqrt(logs.size) if logs.size > 1 else None
+    if not (isinstance(bar, (int, float, np.floating, np.integer)) and bar > 0):
+        raise ValueError(f"bar must be a positive number, got {bar!r}")
+    return Effect(
+        estimate=r.ratio,
+        low=r.low,
+        high=r.high,
+        n=r.n,
+        unit=unit,
+        method=f"t on log ratios over {unit}",
+        scale="ratio",
+        null=float(bar),
+        se=se,
+        df=(r.n - 1) if r.n > 1 else None,
+        level=level,
+        treatment=float(np.exp(np.log(num).mean())),
+        control=float(np.exp(np.log(den).mean())),
+    )
+
+
+def unpaired_effect(
+    treatment: Sequence[float] | np.ndarray,
+    control: Sequence[float] | np.ndarray,
+    *,
+    relative: bool = False,
+    level: float = 0.95,
+    unit: str = "users",
+) -> Effect:
+    """Welch's interval for a difference of means of two independent samples.
+
+    Use only where the design cannot pair (different users, different populations); a paired
+    design should use :func:`paired_effect`. Relative: delta method on the ratio of means.
+    """
+    level = _check_level(level)
+    a = _as_1d(treatment, "treatment")
+    b = _as_1d(control, "control")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("treatment and control must be finite (a NaN or inf was given)")
+    ma, mb = float(a.mean()), float(b.mean())
+    if relative and mb == 0:
+        raise ValueError("a relative effect needs a control whose mean is not 0")
+    if a.size < 2 or b.size < 2:
+        est = ma / mb - 1.0 if relative else ma - mb
+        lo = hi = se = df = None
+    else:
+        va, vb = float(a.var(ddof=1)) / a.size, float(b.var(ddof=1)) / b.size
+        if va + vb == 0:
+            df = float(a.size + b.size - 2)
+        else:
+            df = (va + vb) ** 2 / (va**2 / (a.size - 1) + vb**2 / (b.size - 1))
+        if relative:
+            r = ma / mb
+            est = r - 1.0
+            se = math.sqrt(va + r * r * vb) / abs(mb)  # delta method for ma / mb
+        else:
+            est = ma - mb
+            se = math.sqrt(va + vb)
+        from scipy import stats as _st
+
+        half = float(_st.t.ppf(0.5 * (1.0 + level), df)) * se
+        lo, hi = est - half, est + half
+    return Effect(
+        estimate=float(est),
+        low=lo,
+        high=hi,
+        n=int(a.size + b.size),
+        unit=unit,
+        method=f"Welch t over {unit} (unpaired)",
+        scale="relative" if relative else "absolute",
+        se=se,
+        df=df,
+        level=level,
+        treatment=ma,
+        control=mb,
+    )

@@ -44,7 +44,7 @@ DUMMY_MODULE = textwrap.dedent(
     from matplotlib.figure import Figure
 
     from benchmarks.registry import ExperimentConfig, experiment, param
-    from benchmarks.stats import online_summary
+    from benchmarks.stats import one_sample_effect, online_summary
 
 
     @dataclass(frozen=True)
@@ -70,7 +70,8 @@ DUMMY_MODULE = textwrap.dedent(
                          "reward": float(r.mean()), "wall_s": t.seconds})
         ctx.report.seed_table("Reward", rows, ["reward"], fmt={"reward": ".5f"})
         online = online_summary(per_seed)
-        ctx.report.claim_compare("reward is positive", online, ">", 0.0)
+        eff = one_sample_effect(np.concatenate(per_seed), 0.0, unit="users")
+        ctx.report.finding("reward is positive", eff, metric="reward per user")
         fig = Figure(figsize=(3, 2))
         fig.add_subplot().hist(np.concatenate(per_seed), bins=20)
         ctx.report.figure("hist", fig, "Rewards", data={"reward_mean": online.mean})
@@ -149,9 +150,9 @@ def test_dummy_runs_end_to_end_and_is_reproducible(tmp_path):
         outs[1] / "dummy" / "hist.png"
     ).read_bytes()
     index = (outs[0] / "index.md").read_text()
-    assert "[dummy](dummy/report.md)" in index and "1 PASS / 0 FAIL" in index
+    assert "[dummy](dummy/report.md)" in index and "1 HOLDS / 0 REFUTED" in index
     report = (outs[0] / "dummy" / "report.md").read_text()
-    assert "![Rewards](hist.png)" in report and "- **PASS** — reward is positive" in report
+    assert "![Rewards](hist.png)" in report and "- **HOLDS** — reward is positive" in report
 
 
 # ------------------------------------------------------------------------- in process
@@ -188,7 +189,8 @@ def make_registry() -> Registry:
                 | {"wall_s": t.seconds}
             )
         rows_out = ctx.report.seed_table("X", rows, ["x"])
-        ctx.report.claim_compare("mean below scale", rows_out[0]["x"], "<", cfg.scale)
+        mean_x = rows_out[0]["x"].mean
+        ctx.report.sanity("mean below scale", bool(mean_x < cfg.scale), f"{mean_x} < {cfg.scale}")
         ctx.report.add_result("per_seed", [r["x"] for r in rows])
         fig = Figure(figsize=(2, 2))
         fig.add_subplot().plot([r["x"] for r in rows])
@@ -199,9 +201,9 @@ def make_registry() -> Registry:
         ctx.report.section("Before", "written before the error")
         raise RuntimeError("boom on purpose")
 
-    @reg.experiment("failing_claim", "Its only claim fails.", TinyConfig)
+    @reg.experiment("failing_claim", "Its only sanity check fails.", TinyConfig)
     def run_failing(cfg, ctx):
-        ctx.report.claim_compare("one exceeds two", 1.0, ">", 2.0)
+        ctx.report.sanity("one exceeds two", bool(1.0 > 2.0), "1 vs 2")
 
     return reg
 
@@ -241,10 +243,10 @@ def test_all_continues_past_a_failing_experiment(tmp_path, capsys):
     assert broken["status"] == "error" and "RuntimeError: boom on purpose" in broken["error"]
     md = (out / "broken" / "report.md").read_text()
     assert "## Error" in md and "boom on purpose" in md and "written before the error" in md
-    assert results(out, "failing_claim")["claims"][0]["verdict"] == "FAIL"
+    assert results(out, "failing_claim")["sanity"][0]["passed"] is False
     rows = [ln for ln in (out / "index.md").read_text().splitlines() if ln.startswith("| [")]
     assert [r.split("]")[0] for r in rows] == ["| [tiny", "| [broken", "| [failing_claim"]
-    assert "| ERROR |" in rows[1] and "0 PASS / 1 FAIL" in rows[2]
+    assert "| ERROR |" in rows[1] and "0 passed / 1 failed" in rows[2]
 
 
 def test_strict_fails_on_a_failing_claim(tmp_path):

@@ -22,7 +22,9 @@ from benchmarks.stats import (
     bootstrap_ci,
     mean_std,
     online_summary,
+    paired_effect,
     paired_ratio,
+    ratio_effect,
     side_by_side,
     t_interval,
 )
@@ -79,25 +81,36 @@ def build_report(out_dir: Path, provenance: Provenance = FIXED) -> Report:
     )
     r = Report(info, out_dir, provenance)
     r.section("Method", "Two towers on a tiny world; recall@10 over the whole catalog.")
-    rows = r.seed_table("Recall@10", PER_SEED, ["recall"], fmt={"recall": ".3f", "wall_s": ".2f"})
+    r.seed_table("Recall@10", PER_SEED, ["recall"], fmt={"recall": ".3f", "wall_s": ".2f"})
     r.table(
         "Odd cells",
         [{"op": "dot | cos", "value": 1.5, "missing": None, "bad": float("nan"), "n": 3}],
         fmt=".2f",
     )
-    r.claim_compare(
-        "the transformer tower beats mean pooling",
-        rows[1]["recall"],
-        ">",
-        rows[0]["recall"],
-        measured_name="transformer",
-        reference_name="mean pooling",
-        spec=".3f",
+    per_seed = {r["model"]: {} for r in PER_SEED}
+    for row in PER_SEED:
+        per_seed[row["model"]][row["seed"]] = row["recall"]
+    r.finding(  # paired by seed: seed s trains both towers on the same log
+        "the transformer tower beats mean pooling on recall@10 by at least 0.05",
+        paired_effect(
+            [per_seed["tf"][s] for s in (0, 1)], [per_seed["mean"][s] for s in (0, 1)], unit="seeds"
+        ),
+        metric="recall@10",
+        min_effect=0.05,
     )
-    r.claim_compare(
-        "mean pooling reaches recall 0.5", rows[0]["recall"], ">=", 0.5, measured_name="mean"
+    r.finding(
+        "the treatment earns at least 0.1 more reward per user",
+        paired_effect([1.0, 1.5, 2.0, 2.5], [0.5, 1.25, 1.5, 2.25]),
+        metric="reward per user",
+        min_effect=0.1,
+        note="four users, exact binary fractions",
     )
-    r.claim("the ratio is above one", np.bool_(paired_ratio([2, 4], [1, 2]).ratio > 1), "2.0×")
+    r.finding(
+        "the index is at least 100x faster than brute force",
+        ratio_effect([2.0, 4.0, 3.25], [1.0, 2.0, 1.5], bar=100.0),
+        metric="queries per second",
+    )
+    r.sanity("the ratio is above one", np.bool_(paired_ratio([2, 4], [1, 2]).ratio > 1), "2.0×")
     fig = Figure(figsize=(2, 2))
     fig.add_subplot().bar(["mean", "tf"], [0.375, 0.6875])
     r.figure(
@@ -166,9 +179,14 @@ def test_golden_content_is_computed_from_numbers(tmp_path):
     assert recall[0]["recall"]["std"] == pytest.approx(math.sqrt(0.03125))
     assert recall[1]["recall"]["values"] == [0.625, 0.75]
     assert recall[1]["seeds"] == "0,1"
-    verdicts = [c["verdict"] for c in doc["claims"]]
-    assert verdicts == ["PASS", "FAIL", "PASS"]
-    assert doc["claims_summary"] == {"pass": 2, "fail": 1}
+    verdicts = [f["verdict"] for f in doc["findings"]]
+    assert verdicts == ["INCONCLUSIVE", "HOLDS", "REFUTED"]
+    assert doc["findings_summary"] == {"HOLDS": 1, "REFUTED": 1, "INCONCLUSIVE": 1}
+    assert doc["sanity_summary"] == {"passed": 1, "failed": 0}
+    assert doc["claims_summary"] == {"pass": 0, "fail": 0}
+    # paired over seeds: differences 0.125 and 0.5; over users: 0.5, 0.25, 0.5, 0.25
+    assert doc["findings"][0]["effect"]["estimate"] == 0.3125
+    assert doc["findings"][1]["effect"]["estimate"] == 0.375
     assert doc["non_finite"] == ["$.tables[1].rows[0].bad", "$.results.diverged"]
     assert doc["results"]["diverged"] is None
     assert doc["results"]["curve"] == [0.0, 0.5, 1.0]
@@ -188,7 +206,7 @@ def test_failing_claim_renders_fail_with_numbers(tmp_path):
     c = r.claim_compare("recall beats popular", 0.2125, ">", 0.3, measured_name="recall")
     assert not c.passed
     md = r.render_markdown(1.0)
-    assert "## Claims (0 PASS, 1 FAIL)" in md
+    assert "## Legacy claims (0 PASS, 1 FAIL;" in md
     assert (
         "- **FAIL** — recall beats popular — recall = 0.2125 > reference = 0.3: does not hold" in md
     )
@@ -333,7 +351,7 @@ def test_report_write_renders_before_writing(tmp_path, monkeypatch):
 
 
 def _results(dir_: Path, name: str, **doc) -> None:
-    (dir_ / name).mkdir(parents=True)
+    (dir_ / name).mkdir(parents=True, exist_ok=True)
     (dir_ / name / "results.json").write_text(json.dumps({"experiment": name, **doc}))
 
 
@@ -343,23 +361,34 @@ def test_index_lists_every_experiment_in_order(tmp_path):
         "zeta",
         status="ok",
         headline="recall 0.41",
-        claims_summary={"pass": 2, "fail": 1},
-        profile="quick",
+        findings_summary={"HOLDS": 2, "REFUTED": 1, "INCONCLUSIVE": 0},
+        sanity_summary={"passed": 3, "failed": 1},
+        seeds=[0, 1, 2],
+        profile="full",
         wall_time_s=3.0,
     )
-    _results(tmp_path, "alpha", status="error", headline="ERROR: boom | x", profile="full")
-    _results(tmp_path, "mid", status="ok", headline="h", claims_summary={"pass": 0, "fail": 0})
+    _results(
+        tmp_path, "alpha", status="error", headline="ERROR: boom | x", profile="full", seeds=[0, 1]
+    )
+    _results(tmp_path, "mid", status="ok", headline="h", seeds=[0], profile="quick")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "results.json").write_text("{not json")
     path = write_index(tmp_path, order=["zeta", "alpha"])
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()
     rows = [ln for ln in lines if ln.startswith("| [")]
     assert rows == [
-        "| [zeta](zeta/report.md) | recall 0.41 | 2 PASS / 1 FAIL | quick | 3.00 s |",
-        "| [alpha](alpha/report.md) | ERROR: boom \\| x | ERROR | full | — |",
-        "| [broken](broken/report.md) | unreadable results.json | — | — | — |",
-        "| [mid](mid/report.md) | h | no claims | — | — |",
+        "| [zeta](zeta/report.md) | recall 0.41 | 2 HOLDS / 1 REFUTED / 0 INCONCLUSIVE "
+        "| 3 passed / 1 failed | 0,1,2 | full | 3.00 s |",
+        "| [alpha](alpha/report.md) | ERROR: boom \\| x | ERROR | — | 0,1 | full | — |",
+        "| [broken](broken/report.md) | unreadable results.json | — | — | — | — | — |",
+        "| [mid](mid/report.md) | h | no findings | — | 0 | quick | — |",
     ]
+    # one quick, one-seed report: the index says its verdicts are only indicative
+    assert "verdicts are indicative" in text
+    assert "In all: 2 HOLDS, 1 REFUTED, 0 INCONCLUSIVE; sanity checks 3 passed, 1 failed." in text
+    _results(tmp_path, "mid", status="ok", headline="h", seeds=[0, 1, 2], profile="full")
+    assert "indicative" not in write_index(tmp_path).read_text()
 
 
 def test_index_without_reports(tmp_path):
