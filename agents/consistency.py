@@ -21,7 +21,7 @@ from scipy.special import ndtri
 
 from agents.pipeline import MultiStagePipeline, Scorer
 from retrieval.metrics import mean_over_users, rrr_at_k, weighted_rrr_at_k
-from simenv.types import Obs
+from simenv.types import obs_users
 from simenv.world import World
 
 __all__ = ["NoisyRanker", "rrr_table", "pipeline_regret", "pair_noise", "score_scale"]
@@ -65,7 +65,7 @@ class NoisyRanker:
     def score(self, obs: dict[str, np.ndarray], candidates: np.ndarray) -> np.ndarray:
         """Scores (B, K) with the fixed error added; -inf on padding."""
         s = np.asarray(self.ranker.score(obs, candidates), dtype=np.float32)
-        users = np.asarray(obs[Obs.USER], dtype=np.int64)[:, None]
+        users = obs_users(obs)[:, None]
         noise = pair_noise(
             np.broadcast_to(users, candidates.shape), np.maximum(candidates, 0), self.seed
         )
@@ -74,7 +74,7 @@ class NoisyRanker:
     def score_all(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """Whole-catalog scores with the fixed error (B, N)."""
         s = np.asarray(self.ranker.score_all(obs), dtype=np.float32)
-        users = np.asarray(obs[Obs.USER], dtype=np.int64)[:, None]
+        users = obs_users(obs)[:, None]
         items = np.arange(s.shape[1])[None, :]
         return (
             s
@@ -148,7 +148,7 @@ def pipeline_regret(
     s_single = ranker.score(obs, single_stage_slates)
     low = np.minimum(s_served.min(axis=1), s_single.min(axis=1))[:, None]
     score_ratio = (s_served - low).sum(axis=1) / np.maximum((s_single - low).sum(axis=1), 1e-12)
-    users = np.asarray(obs[Obs.USER], dtype=np.int64)
+    users = obs_users(obs)
     a_served = world.affinity(users, served).sum(axis=1)
     a_single = world.affinity(users, single_stage_slates).sum(axis=1)
     overlap = (served[:, :, None] == single_stage_slates[:, None, :]).any(axis=2).sum(axis=1) / k

@@ -97,11 +97,11 @@ def check_obs(obs: dict[str, np.ndarray], n_items: int) -> int:
     """
     for key in (Obs.ITEMS, Obs.EVENTS, Obs.DT, Obs.MASK, Obs.CONTEXT):
         if key not in obs:
-            raise ValueError(f"obs is missing key {key!r}; needs items, events, dt, mask, context")
+            raise ValueError(f"obs is missing key {key!r}; needs item_ids, events, dt, mask, context")
     items = np.asarray(obs[Obs.ITEMS])
     if items.ndim != 2:
         raise ValueError(
-            f"obs['items'] must be batched (B, L); got shape {items.shape} "
+            f"obs['item_ids'] must be batched (B, L); got shape {items.shape} "
             "(add a leading batch axis to a single observation)"
         )
     b, length = items.shape
@@ -119,7 +119,7 @@ def check_obs(obs: dict[str, np.ndarray], n_items: int) -> int:
         real = items[mask]
         if real.min() < 0 or real.max() >= n_items:
             raise ValueError(
-                f"obs['items'] must be item ids in [0, {n_items - 1}] where mask is 1, got values "
+                f"obs['item_ids'] must be item ids in [0, {n_items - 1}] where mask is 1, got values "
                 f"in [{real.min()}, {real.max()}]"
             )
     return b

@@ -400,7 +400,7 @@ class CandidateGenerator(abc.ABC):
             raise ValueError(f"obs is missing keys {missing}; needs {keys}")
         items = np.asarray(obs[Obs.ITEMS])
         if items.ndim != 2:
-            raise ValueError(f"obs['items'] must be 2-D (B, L), got shape {items.shape}")
+            raise ValueError(f"obs['item_ids'] must be 2-D (B, L), got shape {items.shape}")
         b = items.shape[0]
         out: dict[str, np.ndarray] = {}
         for key in (Obs.ITEMS, Obs.EVENTS, Obs.MASK):
@@ -413,7 +413,7 @@ class CandidateGenerator(abc.ABC):
         if out[Obs.MASK].size and not np.isin(out[Obs.MASK], (0, 1)).all():
             raise ValueError("obs['mask'] must hold only 0 and 1")
         real = out[Obs.ITEMS][out[Obs.MASK] == 1]
-        _check_ids("obs['items'] (where mask == 1)", real, self.n_items)
+        _check_ids("obs['item_ids'] (where mask == 1)", real, self.n_items)
         context = np.asarray(obs[Obs.CONTEXT], dtype=np.float64)
         if context.ndim != 2 or context.shape[0] != b or context.shape[1] < 1:
             raise ValueError(f"obs['context'] must have shape ({b}, 3), got {context.shape}")
@@ -422,8 +422,10 @@ class CandidateGenerator(abc.ABC):
         out[Obs.CONTEXT] = context
         if self.uses_user_id:
             user = _as_int_array("obs['user']", obs[Obs.USER])
+            if user.shape == (b, 1):  # as the envs emit it
+                user = user[:, 0]
             if user.shape != (b,):
-                raise ValueError(f"obs['user'] must have shape ({b},), got {user.shape}")
+                raise ValueError(f"obs['user'] must have shape ({b}, 1) or ({b},), got {user.shape}")
             if user.size and int(user.min()) < 0:
                 raise ValueError(f"obs['user'] must be >= 0, got {int(user.min())}")
             out[Obs.USER] = user

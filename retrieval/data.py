@@ -149,7 +149,7 @@ def causal_windows(
         Obs.CONTEXT: np.stack([t_ref, np.zeros_like(t_ref), np.zeros_like(t_ref)], axis=1).astype(
             np.float32
         ),
-        Obs.USER: e.users[w_user_row].astype(np.int64),
+        Obs.USER: e.users[w_user_row, None].astype(np.int64),  # (n, 1) as the envs emit it
     }
     return CausalWindows(obs, targets.astype(np.int64), e.users[w_user_row].astype(np.int64))
 

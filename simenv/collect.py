@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from simenv.batched_env import BatchedRecEnv
 from simenv.config import check_range
 from simenv.log import ImpressionLog
-from simenv.types import Columns, Obs
+from simenv.types import Columns, Obs, obs_users
 
 __all__ = ["collect"]
 
@@ -104,7 +104,7 @@ def collect(
         )
         slates = np.asarray(slates, dtype=np.int64)
         ctx = obs[Obs.CONTEXT]
-        user_now = obs[Obs.USER]
+        user_now = obs_users(obs)
         obs, reward, term, trunc, info = env.step(slates)
         steps += 1
         rows = np.nonzero(recording & ~resetting)[0]

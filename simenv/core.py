@@ -376,7 +376,7 @@ class Simulator:
             Obs.DT: dt,
             Obs.MASK: mask.copy(),
             Obs.CONTEXT: context,
-            Obs.USER: self.user[sl].copy(),
+            Obs.USER: self.user[sl, None].copy(),  # (B, 1): no 0-d entry in RecEnv
         }
 
     # ------------------------------------------------------------------ truth

@@ -154,7 +154,7 @@ class EventSequences:
             Obs.DT: dt,
             Obs.MASK: valid.astype(np.int8),
             Obs.CONTEXT: ctx,
-            Obs.USER: users.copy(),
+            Obs.USER: users[:, None].copy(),  # (B, 1) as the envs emit it
         }
 
     def positives_matrix(self, users: np.ndarray, width: int = 64) -> np.ndarray:

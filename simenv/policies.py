@@ -19,7 +19,7 @@ import numpy as np
 
 from simenv.arrays import first_occurrence
 from simenv.config import check_range
-from simenv.types import Obs
+from simenv.types import Obs, obs_users
 from simenv.world import World
 
 __all__ = ["LoggingPolicy", "UniformPolicy", "PopularityPolicy", "InGroupPolicy"]
@@ -91,7 +91,7 @@ class LoggingPolicy:
 
     def act(self, obs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Slates (B, k) int64 and their per-position propensities (B, k) float32."""
-        users = np.asarray(obs[Obs.USER], dtype=np.int64).reshape(-1)
+        users = obs_users(obs)
         t = np.asarray(obs[Obs.CONTEXT])[:, 0].astype(np.float64)
         b, k, eps = users.shape[0], self.k, self.epsilon
         seg = self._segment_of_users(users)

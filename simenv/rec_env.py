@@ -91,10 +91,10 @@ class RecEnv(gym.Env):
     the state unchanged.
 
     ## Observation Space
-    ``Dict``: ``items`` (L,) int64, ``events`` (L,) int64 (:class:`simenv.types.EventType`),
+    ``Dict``: ``item_ids`` (L,) int64, ``events`` (L,) int64 (:class:`simenv.types.EventType`),
     ``dt`` (L,) float32 days since each event, ``mask`` (L,) int8 — the last L engagement
     events, oldest first, left-padded; ``context`` (3,) float32 = (time in days, session index,
-    position in session); ``user`` () int64 the user id.
+    position in session); ``user`` (1,) int64 the user id.
 
     ## Rewards
     The mix of step 4 (default: click + like - dislike).
@@ -126,7 +126,7 @@ class RecEnv(gym.Env):
         >>> env = RecEnv(EnvConfig.small())
         >>> obs, info = env.reset(seed=0)
         >>> sorted(obs), info["user"]
-        (['context', 'dt', 'events', 'items', 'mask', 'user'], 255)
+        (['context', 'dt', 'events', 'item_ids', 'mask', 'user'], 255)
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"]}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from copy import deepcopy
 from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+from gymnasium.vector.utils import batch_differing_spaces, batch_space
 
 from simenv.types import EventType, Obs
 
@@ -94,6 +97,47 @@ class SlateSpace(spaces.MultiDiscrete):
         )
 
 
+@batch_space.register(SlateSpace)
+def _batch_slate_space(space: SlateSpace, n: int = 1) -> SlateSpace:
+    """B slates of the same catalog: ``SlateSpace(batch=n)`` keeping the sample pool.
+
+    Gymnasium's generic ``MultiDiscrete`` batching returns a ``Box`` whose ``sample`` draws
+    unreleased items and repeats; every vectorization mode (``sync``, ``async``) batches the
+    single action space through this function, so registering it makes their
+    ``action_space.sample()`` valid slates.
+    """
+    if space.batch is not None:
+        raise ValueError(f"cannot batch an already batched SlateSpace (batch={space.batch})")
+    return SlateSpace(
+        space.n_items,
+        space.k,
+        batch=int(n),
+        sample_pool=space.sample_pool,
+        seed=deepcopy(space.np_random),
+    )
+
+
+@batch_differing_spaces.register(SlateSpace)
+def _batch_differing_slate_spaces(spaces_: Sequence[SlateSpace]) -> SlateSpace:
+    """Slates of envs with the same catalog and k; samples from the items all pools share."""
+    first = spaces_[0]
+    if any(s.batch is not None or s.n_items != first.n_items or s.k != first.k for s in spaces_):
+        raise ValueError(
+            "SlateSpaces batch together only with equal n_items and k and no batch dimension; "
+            f"got {[repr(s) for s in spaces_]}"
+        )
+    pool = first.sample_pool
+    for s in spaces_[1:]:
+        pool = np.intersect1d(pool, s.sample_pool)
+    return SlateSpace(
+        first.n_items,
+        first.k,
+        batch=len(spaces_),
+        sample_pool=pool,
+        seed=deepcopy(first.np_random),
+    )
+
+
 def observation_space(n_items: int, n_users: int, history_length: int) -> spaces.Dict:
     """The single-user observation space (see :class:`simenv.types.Obs` for the fields)."""
     L = history_length
@@ -105,6 +149,6 @@ def observation_space(n_items: int, n_users: int, history_length: int) -> spaces
             Obs.DT: spaces.Box(0.0, big, shape=(L,), dtype=np.float32),
             Obs.MASK: spaces.MultiBinary(L),
             Obs.CONTEXT: spaces.Box(0.0, big, shape=(3,), dtype=np.float32),
-            Obs.USER: spaces.Box(0, n_users - 1, shape=(), dtype=np.int64),
+            Obs.USER: spaces.Box(0, n_users - 1, shape=(1,), dtype=np.int64),
         }
     )

@@ -7,11 +7,13 @@ simulator, retrieval, ranking and the benchmarks agree on them.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["EventType", "Obs", "Columns", "ItemCatalog"]
+__all__ = ["EventType", "Obs", "Columns", "ItemCatalog", "obs_users"]
 
 
 class EventType(enum.IntEnum):
@@ -37,22 +39,49 @@ class EventType(enum.IntEnum):
 class Obs:
     """Keys of an observation dict (single env: arrays of shape ``(L,)``; batched: ``(B, L)``).
 
-    - ``items``   int64, item ids of the last L engagement events, oldest first, most recent
+    - ``item_ids`` int64, item ids of the last L engagement events, oldest first, most recent
       in the last slot; padding on the left (value 0, ``mask`` 0).
     - ``events``  int64, :class:`EventType` of each event (``PAD`` = 0 on padding).
     - ``dt``      float32, time since each event, in days (0 on padding).
     - ``mask``    int8, 1 for a real event, 0 for padding.
     - ``context`` float32 ``(3,)``: current time (days), session index, position in session.
-    - ``user``    int64 scalar: the user id (for user-id baselines such as ALS only).
+    - ``user``    int64 ``(1,)`` (batched ``(B, 1)``): the user id (for user-id baselines such
+      as ALS only); read it as ``(B,)`` with :func:`obs_users`.
+
+    The key names are chosen so that RL libraries do not trip over them: an observation key
+    becomes an attribute name in some of them (Stable-Baselines3's ``CombinedExtractor`` puts
+    one sub-network per key in a ``torch.nn.ModuleDict``, where ``items``, ``keys``, ``values``
+    or ``update`` collide with the dict's methods), and no entry is 0-d (SB3's ``check_env``
+    and flattening wrappers reject scalars). The attribute ``ITEMS`` keeps its name; its key
+    is ``"item_ids"`` and no entry is called ``items``.
     """
 
-    ITEMS = "items"
+    ITEMS = "item_ids"
     EVENTS = "events"
     DT = "dt"
     MASK = "mask"
     CONTEXT = "context"
     USER = "user"
     CONTEXT_FIELDS = ("time", "session", "position")
+
+
+def obs_users(obs: Mapping[str, Any]) -> np.ndarray:
+    """The user ids of a batched observation as int64 ``(B,)``.
+
+    Environments emit ``obs["user"]`` as ``(B, 1)`` (``(1,)`` for one user); observations
+    rebuilt from logs do the same. A hand-built ``(B,)`` array is accepted as it is.
+
+    Raises:
+        ValueError: if ``obs["user"]`` is neither ``(B,)`` nor ``(B, 1)``.
+    """
+    u = np.asarray(obs[Obs.USER])
+    if u.ndim == 2 and u.shape[1] == 1:
+        u = u[:, 0]
+    elif u.ndim != 1:
+        raise ValueError(f"obs['user'] must have shape (B, 1) or (B,), got {u.shape}")
+    if u.size and not np.issubdtype(u.dtype, np.integer):
+        raise ValueError(f"obs['user'] must hold integer ids, got dtype {u.dtype}")
+    return u.astype(np.int64, copy=False)
 
 
 class Columns:

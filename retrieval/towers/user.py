@@ -11,7 +11,7 @@ function of the event history (which also keeps the MDP state Markov). Towers he
   masked mean; pre-norm, RMSNorm, SwiGLU.
 - :class:`GRUUserTower`: GRU4Rec-style recurrent encoder.
 
-History layout (batched observation of ``simenv``): ``items`` int64 ``(B, L)`` oldest first,
+History layout (batched observation of ``simenv``): ``item_ids`` int64 ``(B, L)`` oldest first,
 most recent last, left padding; ``events`` int64 ``(B, L)`` :class:`simenv.types.EventType`;
 ``dt`` float32 ``(B, L)`` days since the event; ``mask`` ``(B, L)`` 1 = real event;
 ``context`` float32 ``(B, 3)`` = (time in days, session index, position in session).
@@ -250,7 +250,7 @@ class UserTower(nn.Module):
         items = torch.as_tensor(history[Obs.ITEMS], device=device)
         if items.ndim != 2 or items.dtype != torch.int64:
             raise ValueError(
-                f"history['items'] must be int64 of shape (B, L), got {items.dtype} {tuple(items.shape)}"
+                f"history['item_ids'] must be int64 of shape (B, L), got {items.dtype} {tuple(items.shape)}"
             )
         out = {Obs.ITEMS: items}
         mask = torch.as_tensor(history[Obs.MASK], device=device)

@@ -12,7 +12,7 @@ import numpy as np
 
 from agents.base import RandomAgent
 from simenv import BatchedRecEnv, EnvConfig, World
-from simenv.types import Obs
+from simenv.types import Obs, obs_users
 
 
 def small_world(seed: int = 0) -> tuple[EnvConfig, World]:
@@ -62,7 +62,7 @@ class MatrixRanker:
 
     def score_all(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """(B, N) scores, -inf for items not released at the query time."""
-        s = self.s[np.asarray(obs[Obs.USER])]
+        s = self.s[obs_users(obs)]
         return np.where(released(self.release_time, obs), s, -np.inf).astype(np.float32)
 
     def score(self, obs: dict[str, np.ndarray], candidates: np.ndarray) -> np.ndarray:
@@ -99,7 +99,7 @@ class MatrixGenerator:
 
     def score_all(self, obs: dict[str, np.ndarray], exclude_seen: bool = False) -> np.ndarray:
         """(B, N) scores with the release (and seen) rule applied."""
-        s = np.where(released(self.release_time, obs), self.s[np.asarray(obs[Obs.USER])], -np.inf)
+        s = np.where(released(self.release_time, obs), self.s[obs_users(obs)], -np.inf)
         if exclude_seen:
             rows, cols = np.nonzero(np.asarray(obs[Obs.MASK]) == 1)
             s[rows, np.asarray(obs[Obs.ITEMS])[rows, cols]] = -np.inf

@@ -17,7 +17,7 @@ from agents.consistency import NoisyRanker, pair_noise, pipeline_regret, rrr_tab
 from agents.pipeline import MultiStagePipeline, Source
 from retrieval.metrics import rrr_at_k, weighted_rrr_at_k
 from simenv.history import take_obs
-from simenv.types import Obs
+from simenv.types import obs_users
 from tests.agents.helpers import MatrixGenerator, MatrixRanker, env_obs, small_world, top_rows
 
 
@@ -74,7 +74,7 @@ def test_noisy_ranker_fixed_error_and_consistent_paths(world, obs, ranker):
     assert np.array_equal(fin, np.isfinite(ranker.score_all(obs)))
     assert (full[fin] != other[fin]).mean() > 0.99
     # the error added is sigma * pair_noise(user, item, seed)
-    users = np.broadcast_to(obs[Obs.USER][:, None], full.shape)
+    users = np.broadcast_to(obs_users(obs)[:, None], full.shape)
     items = np.broadcast_to(np.arange(w.n_items)[None, :], full.shape)
     expected = ranker.score_all(obs) + 1.5 * pair_noise(users, items, 7)
     np.testing.assert_allclose(full[fin], expected[fin], rtol=1e-6)
@@ -145,11 +145,11 @@ def test_pipeline_regret_is_one_when_candidates_hold_the_single_stage_slate(worl
 def test_pipeline_regret_hand_computation_when_candidates_miss_the_slate(world, obs, ranker):
     cfg, w = world
     k = cfg.slate_size
-    obs = take_obs(obs, np.unique(obs[Obs.USER], return_index=True)[1])  # one row per user
+    obs = take_obs(obs, np.unique(obs_users(obs), return_index=True)[1])  # one row per user
     # candidates: the ranker's items ranked k+1 .. k+30 (never its top-k)
     order, _ = ranker.top_k(obs, k + 30)
     avoid = np.full(ranker.s.shape, -1e9)
-    users = obs[Obs.USER]
+    users = obs_users(obs)
     for row, u in enumerate(users):  # a fixed score matrix for the fake generator
         avoid[u, order[row, k:]] = -np.arange(30)
     gen = MatrixGenerator(avoid, w.items.release_time)

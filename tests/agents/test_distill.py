@@ -24,7 +24,7 @@ from retrieval.train import TrainConfig, fit_two_tower, to_torch_obs
 from simenv import BatchedRecEnv
 from simenv.collect import collect
 from simenv.history import EventSequences, impression_examples, take_obs
-from simenv.types import Obs
+from simenv.types import Obs, obs_users
 from tests.agents.helpers import MatrixRanker, env_obs, released, small_world, truth_scores
 
 
@@ -264,8 +264,8 @@ def test_teacher_targets_subsamples_max_queries(world, obs):
     dcfg = DistillConfig(pool_size=12, uniform_extra=2, teacher_k=3, max_queries=15)
     t = teacher_targets(ranker, obs, w.items.release_time, dcfg, np.random.default_rng(2))
     assert len(t) == 15 and t.obs[Obs.ITEMS].shape[0] == 15
-    users = t.obs[Obs.USER]
-    assert np.isin(users, obs[Obs.USER]).all() and len(np.unique(users)) == 15
+    users = obs_users(t.obs)
+    assert np.isin(users, obs_users(obs)).all() and len(np.unique(users)) == 15
     np.testing.assert_array_equal(t.pool[:, :10], ranker.top_k(t.obs, 10)[0])
 
 

@@ -32,7 +32,7 @@ from retrieval.metrics import rrr_at_k
 from simenv import BatchedRecEnv
 from simenv.collect import collect
 from simenv.history import EventSequences
-from simenv.types import Columns, Obs
+from simenv.types import Columns, Obs, obs_users
 from tests.agents.helpers import (
     MatrixGenerator,
     MatrixRanker,
@@ -308,7 +308,7 @@ def test_single_stage_is_ranker_topk_over_released_items(world):
     slates = agent.act(o)
     ok = released(rt, o)
     assert (~ok).any(axis=1).all()
-    expected = np.argsort(-np.where(ok, s[o[Obs.USER]], -np.inf), axis=1)[:, : cfg.slate_size]
+    expected = np.argsort(-np.where(ok, s[obs_users(o)], -np.inf), axis=1)[:, : cfg.slate_size]
     np.testing.assert_array_equal(slates, expected)
     assert ok[np.arange(len(slates))[:, None], slates].all()
     np.testing.assert_array_equal(agent.last_propensities, np.ones(slates.shape, np.float32))

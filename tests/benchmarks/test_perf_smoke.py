@@ -133,7 +133,7 @@ def test_bare_loop_computes_the_loss_of_fit_two_tower(sparse):
         n,
         model.similarity,
     )
-    obs = {"items": torch.from_numpy(items[:b]), "mask": torch.from_numpy(mask[:b])}
+    obs = {"item_ids": torch.from_numpy(items[:b]), "mask": torch.from_numpy(mask[:b])}
     pos = torch.from_numpy(target[:b])
     with torch.no_grad():
         ours = loss_fn(

@@ -168,7 +168,7 @@ def test_check_obs_errors():
         check_obs({k: v for k, v in obs.items() if k != Obs.DT}, 6)
     with pytest.raises(ValueError, match="batched"):
         check_obs({k: v[0] for k, v in obs.items()}, 6)
-    with pytest.raises(ValueError, match=r"obs\['items'\] must be item ids in \[0, 5\]"):
+    with pytest.raises(ValueError, match=r"obs\['item_ids'\] must be item ids in \[0, 5\]"):
         check_obs({**obs, Obs.ITEMS: obs[Obs.ITEMS] + 3}, 6)
     with pytest.raises(ValueError, match="context"):
         check_obs({**obs, Obs.CONTEXT: obs[Obs.CONTEXT][:, :2]}, 6)

@@ -32,6 +32,7 @@ from simenv import (
     collect,
 )
 from simenv.history import EventSequences
+from simenv.types import obs_users
 
 N_USERS = 400
 L = 16
@@ -82,7 +83,7 @@ def test_top_k_has_much_higher_true_affinity_than_random(setup):
     world, test, rankers = setup
     rows = np.arange(0, len(test), max(1, len(test) // 200))[:200]
     obs = {k: v[rows] for k, v in test.obs.items()}
-    users, t = obs["user"], obs["context"][:, 0]
+    users, t = obs_users(obs), obs["context"][:, 0]
     ids, scores = rankers["cross"].top_k(obs, 5)
     assert np.all(ids >= 0) and np.all(np.isfinite(scores))
     assert np.all(world.items.release_time[ids] <= t[:, None])  # only released items

@@ -63,7 +63,7 @@ def make_obs(histories, times, users=None, length=6):
     context[:, 0] = times
     users = np.arange(b) if users is None else np.asarray(users)
     return {
-        "items": items,
+        "item_ids": items,
         "events": events,
         "dt": np.zeros((b, length), np.float32),
         "mask": mask,
@@ -107,7 +107,7 @@ def random_obs(seed, n_items, n_users, b=25, length=8):
     context = np.stack([rng.uniform(0, 25, b), np.zeros(b), np.zeros(b)], 1).astype(np.float32)
     users = rng.integers(0, n_users + 5, b)  # some ids beyond the fitted users
     return {
-        "items": items.astype(np.int64),
+        "item_ids": items.astype(np.int64),
         "events": events.astype(np.int64),
         "dt": np.zeros((b, length), np.float32),
         "mask": mask,
@@ -505,15 +505,15 @@ def test_item2item_matches_dense_reference():
     np.testing.assert_allclose(model.similarity_matrix.toarray(), sim, rtol=1e-12, atol=0)
     obs = random_obs(3, cat.n_items, inter.n_users)
     got = model.score_all(obs)
-    for r in range(obs["items"].shape[0]):
+    for r in range(obs["item_ids"].shape[0]):
         h = np.zeros(cat.n_items)
         pos = [
             j
-            for j in range(obs["items"].shape[1])
+            for j in range(obs["item_ids"].shape[1])
             if obs["mask"][r, j] and obs["events"][r, j] in (C, LK)
         ][::-1][:4]
         for rank, j in enumerate(pos):
-            h[obs["items"][r, j]] += 0.6**rank
+            h[obs["item_ids"][r, j]] += 0.6**rank
         ref = h @ sim
         ref = np.where(ref > 0, ref, -INF)
         ref[cat.release_time > obs["context"][r, 0]] = -INF
@@ -710,7 +710,7 @@ def test_contract_retrieve_equals_sorted_score_all(fitted, name, exclude_seen):
         assert np.unique(real).size == n_real  # no duplicates
         assert (cat.release_time[real] <= now[r]).all()  # released only
         if exclude_seen:
-            seen = obs["items"][r][obs["mask"][r] == 1]
+            seen = obs["item_ids"][r][obs["mask"][r] == 1]
             assert not np.isin(real, seen).any()
         assert np.isneginf(full[r][cat.release_time > now[r]]).all()
         np.testing.assert_array_equal(scores[r, :n_real], full[r, real])
@@ -775,13 +775,13 @@ def test_contract_config_round_trip(fitted, name):
 @pytest.mark.parametrize(
     "mutate, match",
     [
-        (lambda o: o.update(items=o["items"][:, :3]), r"obs\['events'\] must have shape"),
-        (lambda o: o["items"].__setitem__((1, -1), 60), r"obs\['items'\] \(where mask == 1\)"),
+        (lambda o: o.update(item_ids=o["item_ids"][:, :3]), r"obs\['events'\] must have shape"),
+        (lambda o: o["item_ids"].__setitem__((1, -1), 60), r"obs\['item_ids'\] \(where mask == 1\)"),
         (lambda o: o["mask"].__setitem__((1, 0), 2), r"obs\['mask'\] must hold only 0 and 1"),
         (lambda o: o.update(context=o["context"][:3]), r"obs\['context'\] must have shape"),
         (lambda o: o.pop("events"), "obs is missing keys"),
-        (lambda o: o.update(items=o["items"].astype(float)), r"obs\['items'\] must hold integers"),
-        (lambda o: o.update(items=o["items"][0]), r"obs\['items'\] must be 2-D"),
+        (lambda o: o.update(item_ids=o["item_ids"].astype(float)), r"obs\['item_ids'\] must hold integers"),
+        (lambda o: o.update(item_ids=o["item_ids"][0]), r"obs\['item_ids'\] must be 2-D"),
     ],
 )
 def test_bad_observation_raises(fitted, mutate, match):
@@ -796,7 +796,7 @@ def test_bad_observation_raises(fitted, mutate, match):
 def test_padding_slots_may_hold_any_id(fitted):
     inter, cat, models = fitted
     obs = random_obs(6, cat.n_items, inter.n_users, b=3)
-    obs["items"][obs["mask"] == 0] = 10**6  # ignored: not a real event
+    obs["item_ids"][obs["mask"] == 0] = 10**6  # ignored: not a real event
     models["item2item"].retrieve(obs, k=3)
 
 

@@ -42,7 +42,7 @@ def order_batch(batch: int, g: torch.Generator) -> tuple[dict[str, torch.Tensor]
     # make the last two distinct, so that the rule depends on their order
     shift = torch.randint(1, N_SEQ_ITEMS, (batch,), generator=g)
     items[:, -1] = (items[:, -2] + shift) % N_SEQ_ITEMS
-    history = {"items": items, "mask": torch.ones(batch, SEQ_LEN, dtype=torch.int8)}
+    history = {"item_ids": items, "mask": torch.ones(batch, SEQ_LEN, dtype=torch.int8)}
     return history, items[:, -2]
 
 

@@ -44,7 +44,7 @@ def make_history(batch=6, length=8, seed=0, lengths=None):
         axis=1,
     )
     return {
-        "items": torch.as_tensor(items, dtype=torch.int64),
+        "item_ids": torch.as_tensor(items, dtype=torch.int64),
         "events": torch.as_tensor(events, dtype=torch.int64),
         "dt": torch.as_tensor(dt.copy(), dtype=torch.float32),
         "mask": torch.as_tensor(mask),
@@ -90,8 +90,8 @@ def scramble_padding(history, seed=1):
     g = torch.Generator().manual_seed(seed)
     pad = history["mask"] == 0
     out = dict(history)
-    out["items"] = torch.where(
-        pad, torch.randint(0, N_ITEMS, pad.shape, generator=g), history["items"]
+    out["item_ids"] = torch.where(
+        pad, torch.randint(0, N_ITEMS, pad.shape, generator=g), history["item_ids"]
     )
     out["events"] = torch.where(pad, torch.randint(0, 4, pad.shape, generator=g), history["events"])
     out["dt"] = torch.where(pad, torch.rand(pad.shape, generator=g) * 100, history["dt"])
@@ -153,8 +153,8 @@ def test_causal_mask(positional):
     h = make_history(batch=3, length=8, lengths=[8, 8, 6], seed=2)
     t = 5
     changed = dict(h)
-    changed["items"] = h["items"].clone()
-    changed["items"][:, t] = (h["items"][:, t] + 1) % N_ITEMS
+    changed["item_ids"] = h["item_ids"].clone()
+    changed["item_ids"][:, t] = (h["item_ids"][:, t] + 1) % N_ITEMS
     causal = transformer(positional=positional, causal=True)
     a, b = causal.forward_sequence(h), causal.forward_sequence(changed)
     torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)  # the past ignores the future
@@ -186,8 +186,8 @@ def test_pooling_variants():
     # causal + CLS: the CLS token sits after the history, so it sees every event
     causal_cls = transformer(pooling="cls", causal=True, seed=7)
     changed = dict(h)
-    changed["items"] = h["items"].clone()
-    changed["items"][:, 0] = (h["items"][:, 0] + 1) % N_ITEMS  # oldest slot (real in full row 1)
+    changed["item_ids"] = h["item_ids"].clone()
+    changed["item_ids"][:, 0] = (h["item_ids"][:, 0] + 1) % N_ITEMS  # oldest slot (real in full row 1)
     assert (causal_cls(changed)[1] - causal_cls(h)[1]).abs().max() > 1e-4
 
 
@@ -218,7 +218,7 @@ def test_last_pooling_uses_most_recent_real_event_on_any_mask_layout():
 def test_mean_pool_time_decay_and_last_n_hand_case():
     it = item_tower()
     h = {
-        "items": torch.tensor([[0, 3, 4, 5, 6], [0, 0, 0, 7, 8], [1, 2, 3, 4, 5]]),
+        "item_ids": torch.tensor([[0, 3, 4, 5, 6], [0, 0, 0, 7, 8], [1, 2, 3, 4, 5]]),
         "mask": torch.tensor([[0, 1, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 0]]),
         "dt": torch.tensor([[0.0, 4.0, 2.0, 1.0, 0.0], [0, 0, 0, 1e6 + 2.0, 1e6], [0.0] * 5]),
     }
@@ -290,7 +290,7 @@ def test_context_inputs():
     assert (tower(other)[1:] - tower(h)[1:]).abs().amax() > 1e-3
     # without context / event types, those keys are not needed
     bare = transformer(use_context=False, use_event_type=False)
-    assert bare({"items": h["items"], "mask": h["mask"]}).shape == (6, DIM)
+    assert bare({"item_ids": h["item_ids"], "mask": h["mask"]}).shape == (6, DIM)
 
 
 def test_gru_matches_a_plain_run_on_the_real_events():
@@ -300,7 +300,7 @@ def test_gru_matches_a_plain_run_on_the_real_events():
     with torch.no_grad():
         for b in range(1, 6):  # test-side reference loop
             real = h["mask"][b].bool()
-            x = tower.inputs.item_proj(tower.item_encoder(h["items"][b, real]))
+            x = tower.inputs.item_proj(tower.item_encoder(h["item_ids"][b, real]))
             x = x + tower.inputs.event(h["events"][b, real])
             ref_seq, ref_last = tower.gru(x.unsqueeze(0))
             torch.testing.assert_close(out[b], tower.out(ref_last[-1, 0]), rtol=1e-5, atol=1e-6)
@@ -381,7 +381,7 @@ def test_input_validation():
     with pytest.raises(ValueError, match=r"history lacks keys \['context'\]"):
         tower({k: v for k, v in h.items() if k != "context"})
     with pytest.raises(ValueError, match="must be int64"):
-        tower({**h, "items": h["items"].int()})
+        tower({**h, "item_ids": h["item_ids"].int()})
     with pytest.raises(ValueError, match=r"history\['events'\] must lie in \[0, 4\), got \[0, 9\]"):
         tower({**h, "events": h["events"] * 0 + 9 * h["mask"]})
     with pytest.raises(ValueError, match=r"history\['mask'\] must have shape \(6, 6\)"):
@@ -401,7 +401,7 @@ def test_rotary_tower_sees_order():
     permutation invariant; with rotary, swapping two events changes the user vector."""
     h = make_history(batch=2, length=6, lengths=[6, 6], seed=8)
     swapped = dict(h)
-    swapped["items"] = h["items"][:, [0, 1, 2, 4, 3, 5]]
+    swapped["item_ids"] = h["item_ids"][:, [0, 1, 2, 4, 3, 5]]
     swapped["events"] = h["events"][:, [0, 1, 2, 4, 3, 5]]
     kw = {"causal": False, "pooling": "mean", "use_context": False, "max_len": 6}
     rotary = transformer(positional="rotary", **kw)

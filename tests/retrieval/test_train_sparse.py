@@ -54,7 +54,7 @@ def _batch(g: torch.Generator, b: int = 16, length: int = 5) -> tuple[dict, torc
     items = torch.randint(0, N_ITEMS, (b, length), generator=g)
     mask = (torch.rand(b, length, generator=g) < 0.8).to(torch.int8)
     mask[0] = 0  # one user without history: the learned empty vector
-    return {"items": items, "mask": mask}, torch.randint(0, N_ITEMS, (b,), generator=g)
+    return {"item_ids": items, "mask": mask}, torch.randint(0, N_ITEMS, (b,), generator=g)
 
 
 # ------------------------------------------------------------------------------ config
@@ -186,7 +186,7 @@ def test_sparse_training_goes_down_like_dense(item_sparse, sparse_embeddings):
     ex = next_item_examples(log, seq, TrainConfig().history_length)
     seen = np.zeros(world.n_items, dtype=bool)
     seen[ex.target] = True
-    seen[ex.obs["items"][ex.obs["mask"] != 0]] = True
+    seen[ex.obs["item_ids"][ex.obs["mask"] != 0]] = True
     assert (~seen).sum() > 0
     w = model.item_tower.embedding.weight.detach()
     torch.testing.assert_close(w[~torch.from_numpy(seen)], init[~torch.from_numpy(seen)])

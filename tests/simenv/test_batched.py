@@ -8,6 +8,7 @@ import pytest
 
 from simenv import BatchedRecEnv, EnvConfig, Obs, RecEnv
 from simenv.spaces import SlateSpace
+from simenv.types import obs_users
 from tests.simenv.helpers import assert_equal_nested, sim_state
 
 SMALL = "simenv/RecEnv-small-v0"
@@ -113,7 +114,7 @@ def test_next_step_autoreset_semantics():
     np.testing.assert_array_equal(sim.pref[done], venv.world.users.preference[sim.user[done]])
     np.testing.assert_array_equal(sim.budget[done], venv.world.users.patience[sim.user[done]])
     assert np.all(sim.fatigue[done] == 0)
-    assert np.all(obs[Obs.USER][done] == info["user"][done])
+    assert np.all(obs_users(obs)[done] == info["user"][done])
     assert (info["user"][done] != old_users[done]).any()
     # masks: user/group always valid; step results invalid on the reset slots only
     for key in ("user", "group"):
@@ -150,7 +151,7 @@ def test_users_finish_independently():
 def test_reset_options_and_queue():
     venv = BatchedRecEnv(3, EnvConfig.small())
     obs, info = venv.reset(seed=0, options={"user_ids": np.array([4, 9, 4])})
-    assert obs[Obs.USER].tolist() == [4, 9, 4] and info["user"].tolist() == [4, 9, 4]
+    assert obs_users(obs).tolist() == [4, 9, 4] and info["user"].tolist() == [4, 9, 4]
     venv.queue_users(np.array([100, 101]))
     users_seen = set()
     for _ in range(400):

@@ -19,11 +19,11 @@ from simenv import (
     ImpressionLog,
     InGroupPolicy,
     LogFormatError,
-    Obs,
     UniformPolicy,
     collect,
 )
 from simenv.log import FORMAT_VERSION
+from simenv.types import obs_users
 
 C, L_, D, I_ = EventType.CLICK, EventType.LIKE, EventType.DISLIKE, EventType.IMPRESSION
 
@@ -359,7 +359,7 @@ def _episodes(calls, b):
     obs = calls[0][2][0]
     resetting = np.zeros(b, bool)
     ret, length, start = np.zeros(b), np.zeros(b, int), np.zeros(b, int)
-    user = obs[Obs.USER].copy()
+    user = obs_users(obs).copy()
     done_eps, autoreset_steps = [], 0
     for t, (_, _, out) in enumerate(calls[1:]):
         obs, rew, term, trunc, _ = out
@@ -374,7 +374,7 @@ def _episodes(calls, b):
         user[resetting] = -1
         ret[resetting], length[resetting] = 0.0, 0
         newly = (user == -1) & ~resetting
-        user[newly] = obs[Obs.USER][newly]
+        user[newly] = obs_users(obs)[newly]
         start[newly] = t + 1
         user[resetting] = -1
     return done_eps, autoreset_steps
