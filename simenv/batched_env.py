@@ -12,6 +12,7 @@ from simenv.config import EnvConfig, check_range
 from simenv.core import Simulator, StepResult
 from simenv.rec_env import make_world
 from simenv.spaces import SlateSpace, observation_space
+from simenv.streams import seed_key
 from simenv.world import World
 
 __all__ = ["BatchedRecEnv"]
@@ -26,8 +27,11 @@ class BatchedRecEnv(VectorEnv):
     validated), a new user is drawn, and step t+1 returns that user's first observation with
     reward 0 and ``terminated = truncated = False``. Users finish independently.
 
-    One ``numpy.random.Generator`` (``self.np_random``, from ``reset(seed=)``) drives all slots;
-    random draws are made only for slots that act, so ``num_envs=1`` reproduces ``RecEnv``'s
+    Common random numbers: every random draw is a counter-based hash of (the seed of the last
+    ``reset(seed=)``, user id, that user's episode number since then, step, draw index) (see
+    :mod:`simenv.streams`), so a user's outcomes depend only on that user and the slates shown
+    to them, never on the other slots, on B, or on the order users start in (users that are
+    drawn, not given, come from per-slot streams). ``num_envs=1`` reproduces ``RecEnv``'s
     trajectory exactly for the same seed, across episodes.
 
     Reachable as ``gymnasium.make_vec("simenv/RecEnv-v0", num_envs=B,
@@ -90,8 +94,15 @@ class BatchedRecEnv(VectorEnv):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Draw B new users. ``options={"user_ids": array (B,)}`` picks them."""
+        """Draw B new users. ``options={"user_ids": array (B,)}`` picks them.
+
+        A ``seed`` keys every later random draw and restarts the users' episode counts; without
+        one the streams go on (a first reset without a seed takes a key from OS entropy).
+        """
         super().reset(seed=seed)
+        if seed is not None or self.sim.stream_key is None:
+            key = seed_key(seed) if seed is not None else int(self.np_random.integers(2**63))
+            self.sim.seed_streams(key)
         users = None
         if options and "user_ids" in options:
             users = np.asarray(options["user_ids"])
@@ -103,7 +114,7 @@ class BatchedRecEnv(VectorEnv):
                 raise ValueError(f"options['user_ids'] must be in [0, {self.world.n_users - 1}]")
         if users is None and self._queue.size:
             users = self._pop_queue(self.num_envs)
-        self.sim.reset_slots(self._all, self.np_random, users)
+        self.sim.reset_slots(self._all, users)
         self._needs_reset[:] = False
         self._started = True
         return self.sim.observation(), self._info(None)
@@ -120,10 +131,10 @@ class BatchedRecEnv(VectorEnv):
         slate = self.sim.validate(
             actions, None if active is None else np.nonzero(active)[0], name="actions"
         )
-        res = self.sim.step(slate, active, self.np_random)
+        res = self.sim.step(slate, active)
         if any_reset:
             rows = np.nonzero(resetting)[0]
-            self.sim.reset_slots(rows, self.np_random, self._pop_queue(rows.size))
+            self.sim.reset_slots(rows, self._pop_queue(rows.size))
             res.reward[rows] = 0.0
             res.terminated[rows] = False
             res.truncated[rows] = False
@@ -156,8 +167,8 @@ class BatchedRecEnv(VectorEnv):
         return head
 
     def _fill_queue(self, n: int) -> np.ndarray:
-        # fewer queued users than slots to reset: the rest get random users
-        extra = self.np_random.integers(self.world.n_users, size=n - self._queue.size)
+        # fewer queued users than slots to reset: the rest (-1) get users drawn by their slots
+        extra = np.full(n - self._queue.size, -1, dtype=np.int64)
         head, self._queue = np.concatenate([self._queue, extra]), np.zeros(0, dtype=np.int64)
         return head
 

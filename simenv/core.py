@@ -3,6 +3,11 @@
 One :class:`Simulator` holds the state of ``B`` user slots as numpy arrays and steps them all
 at once. Both environments drive the same core, so a ``BatchedRecEnv`` with one slot follows
 exactly the trajectory of a ``RecEnv`` with the same seed.
+
+Randomness: common random numbers. Every random draw is a counter-based hash of (env seed,
+user id, that user's episode number, step in the episode, draw index) (:mod:`simenv.streams`),
+so a user's draws do not depend on the other users, on B, or on the order users start in:
+two agents that act identically on a user see identical outcomes for that user.
 """
 
 from __future__ import annotations
@@ -12,11 +17,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from simenv.config import EnvConfig
+from simenv.streams import (
+    exponential_from_uniform,
+    normal_from_uniforms,
+    occurrence_index,
+    slot_keys,
+    step_uniforms,
+    stream_keys,
+    uniforms,
+)
 from simenv.types import EventType, Obs
 from simenv.users import choose, position_bias, respond, slate_utilities, step_reward
 from simenv.world import World
 
-__all__ = ["Simulator", "StepResult"]
+__all__ = ["Simulator", "StepResult", "StepDraws"]
 
 _MIN_PER_DAY = 1440.0
 
@@ -43,6 +57,22 @@ class StepResult:
     session: np.ndarray
     position: np.ndarray
     session_end: np.ndarray
+
+
+@dataclass
+class StepDraws:
+    """The random numbers of one batched step, one per slot (float64 (B,) each).
+
+    ``choice``, ``like``, ``ret`` are uniforms in [0, 1) (the MNL choice by inverse CDF, the like
+    coin, the return coin); ``noise`` a standard normal (watch-fraction noise); ``gap`` a
+    standard exponential (days to the next session, before scaling).
+    """
+
+    choice: np.ndarray
+    like: np.ndarray
+    ret: np.ndarray
+    noise: np.ndarray
+    gap: np.ndarray
 
 
 class Simulator:
@@ -106,30 +136,50 @@ class Simulator:
         self.h_events = np.zeros((b, L), dtype=np.int64)
         self.h_time = np.zeros((b, L), dtype=np.float32)
         self.h_mask = np.zeros((b, L), dtype=np.int8)
+        # --- random streams (common random numbers, see simenv.streams)
+        self.stream_key: int | None = None  # the env seed's key; None until seed_streams
+        self.stream = np.zeros(b, dtype=np.uint64)  # key of each slot's (user, episode)
+        self.slot_episodes = np.zeros(b, dtype=np.int64)  # episodes started in each slot
+        self.user_episodes = np.zeros(0, dtype=np.uint32)  # episodes started per user
         self._rows = np.arange(b)
         self._topic_row_offset = (np.arange(b) * t).astype(np.int64)  # flat index of (row, topic 0)
 
     # ------------------------------------------------------------------ reset
-    def reset_slots(
-        self, rows: np.ndarray, rng: np.random.Generator, users: np.ndarray | None = None
-    ) -> None:
+    def seed_streams(self, key: int) -> None:
+        """Key every random draw by ``key`` (from the env seed) and restart episode counting."""
+        self.stream_key = int(key)
+        self.user_episodes = np.zeros(self.world.n_users, dtype=np.uint32)
+        self.slot_episodes[:] = 0
+
+    def reset_slots(self, rows: np.ndarray, users: np.ndarray | None = None) -> None:
         """Start a new user in each of ``rows`` (a new episode).
 
-        Draws, in this order: the user ids (unless given) and the start times.
+        ``users`` (default: all drawn) gives the user of each row; an entry ``-1`` means "draw
+        one". A drawn user comes from the slot's stream, keyed by (seed, slot, episodes started
+        in the slot). Each started user's episode number counts its earlier starts since
+        :meth:`seed_streams` (rows in order when a user starts twice in one call), and keys
+        that episode's stream: the start time is its first draw.
         """
+        if self.stream_key is None:
+            raise RuntimeError("seed_streams must be called before reset_slots (the env's reset)")
         rows = np.asarray(rows, dtype=np.int64)
         n = rows.size
         if n == 0:
             return
         w = self.world
-        if users is None:
-            users = rng.integers(w.n_users, size=n)
-        start = (
-            rng.uniform(0.0, self.config.start_time_max, size=n)
-            if self.config.start_time_max > 0
-            else np.zeros(n)
-        )
-        users = np.asarray(users, dtype=np.int64)
+        users = np.full(n, -1, dtype=np.int64) if users is None else np.asarray(users, np.int64)
+        draw = users < 0
+        if draw.any():
+            keys = slot_keys(self.stream_key, rows[draw], self.slot_episodes[rows[draw]])
+            picked = (uniforms(keys, 0) * w.n_users).astype(np.int64)
+            users = users.copy()
+            users[draw] = np.minimum(picked, w.n_users - 1)
+        self.slot_episodes[rows] += 1
+        episode = self.user_episodes[users].astype(np.int64) + occurrence_index(users)
+        np.add.at(self.user_episodes, users, 1)
+        keys = stream_keys(self.stream_key, users, episode)
+        start = uniforms(keys, 0) * float(self.config.start_time_max)
+        self.stream[rows] = keys
         self.user[rows] = users
         self.group[rows] = w.users.group[users]
         self.pref[rows] = w.users.preference[users]
@@ -147,6 +197,21 @@ class Simulator:
         self.h_events[rows] = 0
         self.h_time[rows] = 0.0
         self.h_mask[rows] = 0
+
+    def draws(self) -> StepDraws:
+        """The random numbers of every slot's current step.
+
+        A pure function of the slot's stream and step counter: draws 0-5 of the step are the
+        choice, like and return uniforms, two uniforms for the normal, and the gap.
+        """
+        u = step_uniforms(self.stream, self.steps, 6)  # (6, B)
+        return StepDraws(
+            choice=u[0],
+            like=u[1],
+            ret=u[2],
+            noise=normal_from_uniforms(u[3], u[4]),
+            gap=exponential_from_uniform(u[5]),
+        )
 
     # ------------------------------------------------------------------ validation
     def validate(
@@ -214,35 +279,26 @@ class Simulator:
 
     # ------------------------------------------------------------------ step
     def step(
-        self, slate: np.ndarray, active: np.ndarray | None, rng: np.random.Generator
+        self,
+        slate: np.ndarray,
+        active: np.ndarray | None = None,
+        draws: StepDraws | None = None,
     ) -> StepResult:
         """Advance every active slot by one slate. ``slate`` must already be validated.
 
-        Rows not in ``active`` (a bool mask; ``None`` = all) are computed on a safe slate with
-        no random draws and must be reset by the caller; their results are meaningless.
-        Random draws, only for active slots, in this order: a (n, 4) uniform block (choice,
-        like, return, spare), n standard normals (watch noise), n standard exponentials (gap
-        to the next session). The stream therefore does not depend on other slots.
+        Rows not in ``active`` (a bool mask; ``None`` = all) are computed on a safe slate and
+        must be reset by the caller; their results are meaningless. ``draws`` defaults to
+        :meth:`draws` (the slots' own streams); tests pass explicit numbers.
         """
         um = self.um
         B, k, d = self.B, self.k, self.latent.shape[1]
         if active is not None and not active.all():
-            idle = np.nonzero(~active)[0]
             slate = slate.copy()
-            slate[idle] = self.safe_slate
-            n_act = B - idle.size
-            draws = np.zeros((B, 4))
-            noise = np.zeros(B)
-            gap_draw = np.zeros(B)
-            if n_act:
-                draws[active] = rng.random((n_act, 4))
-                noise[active] = rng.standard_normal(n_act)
-                gap_draw[active] = rng.standard_exponential(n_act)
-        else:
-            draws = rng.random((B, 4))
-            noise = rng.standard_normal(B)
-            gap_draw = rng.standard_exponential(B)
-        u_choice, u_like, u_return = draws[:, 0], draws[:, 1], draws[:, 2]
+            slate[~active] = self.safe_slate
+        if draws is None:
+            draws = self.draws()
+        u_choice, u_like, u_return = draws.choice, draws.like, draws.ret
+        noise, gap_draw = draws.noise, draws.gap
         # The slate-level arrays are position-major, (k, B): reductions over the k slate
         # positions then become k element-wise passes over contiguous B-vectors, several
         # times faster in numpy than reducing short rows of a (B, k) array.

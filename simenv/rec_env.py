@@ -11,6 +11,7 @@ import numpy as np
 from simenv.config import EnvConfig, UserModelConfig, WorldConfig
 from simenv.core import Simulator, StepResult
 from simenv.spaces import SlateSpace, observation_space
+from simenv.streams import seed_key
 from simenv.world import World
 
 __all__ = ["RecEnv", "make_world"]
@@ -126,7 +127,7 @@ class RecEnv(gym.Env):
         >>> env = RecEnv(EnvConfig.small())
         >>> obs, info = env.reset(seed=0)
         >>> sorted(obs), info["user"]
-        (['context', 'dt', 'events', 'item_ids', 'mask', 'user'], 255)
+        (['context', 'dt', 'events', 'item_ids', 'mask', 'user'], 34)
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"]}
@@ -158,8 +159,16 @@ class RecEnv(gym.Env):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Start a new user. ``options={"user_id": u}`` picks the user."""
+        """Start a new user. ``options={"user_id": u}`` picks the user.
+
+        A ``seed`` keys every later random draw (common random numbers: a hash of seed, user,
+        the user's episode number, step and draw index, see :mod:`simenv.streams`) and restarts
+        the episode counts; without one the streams go on.
+        """
         super().reset(seed=seed)
+        if seed is not None or self.sim.stream_key is None:
+            key = seed_key(seed) if seed is not None else int(self.np_random.integers(2**63))
+            self.sim.seed_streams(key)
         users = None
         if options and "user_id" in options:
             u = options["user_id"]
@@ -172,7 +181,7 @@ class RecEnv(gym.Env):
                     f"options['user_id'] must be an int in [0, {self.world.n_users - 1}], got {u!r}"
                 )
             users = np.array([u])
-        self.sim.reset_slots(np.array([0]), self.np_random, users)
+        self.sim.reset_slots(np.array([0]), users)
         self._needs_reset = False
         self._last = None
         return self._obs(), _single_info(None, self.sim, False)
@@ -197,7 +206,7 @@ class RecEnv(gym.Env):
         if a.shape != (self.config.slate_size,):
             raise ValueError(f"action must have shape ({self.config.slate_size},), got {a.shape}")
         slate = self.sim.validate(a[None, :])
-        res = self.sim.step(slate, None, self.np_random)
+        res = self.sim.step(slate)
         self._last = res
         terminated, truncated = bool(res.terminated[0]), bool(res.truncated[0])
         self._needs_reset = terminated or truncated

@@ -24,9 +24,10 @@ def small_world(seed: int = 0) -> tuple[EnvConfig, World]:
 def env_obs(
     world: World, cfg: EnvConfig, n: int, seed: int, steps: int = 6
 ) -> dict[str, np.ndarray]:
-    """Observations of ``n`` users after ``steps`` random slates (histories, varied times)."""
+    """Observations of ``n`` distinct users after ``steps`` random slates (histories, varied times)."""
     env = BatchedRecEnv(n, cfg, world=world)
-    obs, _ = env.reset(seed=seed)
+    users = np.random.default_rng(seed).choice(world.n_users, size=n, replace=False)
+    obs, _ = env.reset(seed=seed, options={"user_ids": users})
     agent = RandomAgent(world, cfg.slate_size, seed=seed)
     for _ in range(steps):
         obs, *_ = env.step(agent.act(obs))

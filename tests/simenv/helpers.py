@@ -1,4 +1,4 @@
-"""Shared helpers of the simenv tests: rollouts, trajectory digests, state snapshots, a fake RNG."""
+"""Shared helpers of the simenv tests: rollouts, trajectory digests, state snapshots, given step draws."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from simenv.core import Simulator
+from simenv.core import Simulator, StepDraws
 
 
 def mixed_action(env: Any, rng: np.random.Generator) -> np.ndarray:
@@ -35,6 +35,30 @@ def rollout(env: Any, seed: int, n_steps: int, action_seed: int = 0) -> list[tup
             obs, info = env.reset()
             out.append(("reset", obs, info))
     return out
+
+
+def hash_slates(world: Any, obs: dict[str, np.ndarray], k: int, salt: Any = 0) -> np.ndarray:
+    """A deterministic policy that reads only each user's own observation, with no float
+    arithmetic (so it acts identically on a user whatever the batch): the k items of the
+    user's group released at time 0 with the smallest hash of (item, user, session, position in
+    session, last item in history, salt). ``salt`` is a scalar or one value per row."""
+    from simenv.streams import mix64
+
+    users = np.asarray(obs["user"]).reshape(-1).astype(np.int64)
+    ctx = np.asarray(obs["context"])
+    state = (
+        users * 1_000_003
+        + ctx[:, 1].astype(np.int64) * 7_919
+        + ctx[:, 2].astype(np.int64) * 104_729
+        + np.asarray(obs["items"])[:, -1] * 15_485_863
+        + np.asarray(salt, dtype=np.int64)
+    )
+    h = mix64(np.arange(world.n_items, dtype=np.uint64)[None, :] ^ mix64(state)[:, None])
+    ok = (world.items.group[None, :] == world.users.group[users][:, None]) & (
+        world.items.release_time[None, :] <= 0
+    )
+    h[~ok] = np.iinfo(np.uint64).max
+    return np.argsort(h, axis=1, kind="stable")[:, :k]
 
 
 def _feed(h: Any, x: Any) -> None:
@@ -92,29 +116,20 @@ def rng_state(rng: np.random.Generator) -> Any:
     return rng.bit_generator.state
 
 
-class FakeRng:
-    """Stands in for ``numpy.random.Generator`` in ``Simulator.step``: returns given draws.
+def given_draws(uniform: np.ndarray, normal: np.ndarray, exponential: np.ndarray) -> StepDraws:
+    """Explicit random numbers for ``Simulator.step``: makes a step's randomness a golden input.
 
-    ``uniform`` is the (B, 4) block (choice, like, return, spare); ``normal`` the watch noise;
-    ``exponential`` the session-gap draws. Makes a step's randomness explicit in golden tests.
+    ``uniform`` is a (B, 3+) block (choice, like, return); ``normal`` the watch noise;
+    ``exponential`` the session-gap draws.
     """
-
-    def __init__(self, uniform: np.ndarray, normal: np.ndarray, exponential: np.ndarray) -> None:
-        self.uniform = np.asarray(uniform, dtype=np.float64)
-        self.normal = np.asarray(normal, dtype=np.float64)
-        self.exponential = np.asarray(exponential, dtype=np.float64)
-
-    def random(self, shape: tuple[int, int]) -> np.ndarray:
-        assert self.uniform.shape == tuple(shape), (self.uniform.shape, shape)
-        return self.uniform.copy()
-
-    def standard_normal(self, n: int) -> np.ndarray:
-        assert self.normal.shape == (n,)
-        return self.normal.copy()
-
-    def standard_exponential(self, n: int) -> np.ndarray:
-        assert self.exponential.shape == (n,)
-        return self.exponential.copy()
+    u = np.asarray(uniform, dtype=np.float64)
+    return StepDraws(
+        choice=u[:, 0].copy(),
+        like=u[:, 1].copy(),
+        ret=u[:, 2].copy(),
+        noise=np.asarray(normal, dtype=np.float64).copy(),
+        gap=np.asarray(exponential, dtype=np.float64).copy(),
+    )
 
 
 # ---------------------------------------------------------------- config ranges
