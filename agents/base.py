@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from simenv.batched_env import BatchedRecEnv
+from simenv.clock import released
 from simenv.policies import UniformPolicy
 from simenv.types import Obs
 from simenv.world import World
@@ -32,8 +33,8 @@ class Agent(Protocol):
 
 
 def released_mask(release_time: np.ndarray, obs: dict[str, np.ndarray]) -> np.ndarray:
-    """Bool (B, N): items released at each query's time."""
-    return np.asarray(release_time)[None, :] <= np.asarray(obs[Obs.CONTEXT])[:, :1]
+    """Bool (B, N): items released at each query's time (:func:`simenv.clock.released`)."""
+    return released(np.asarray(release_time)[None, :], np.asarray(obs[Obs.CONTEXT])[:, :1])
 
 
 class RandomAgent:
@@ -63,7 +64,7 @@ class PopularAgent:
         if counts.ndim != 1 or counts.shape != np.shape(release_time):
             raise ValueError("counts and release_time must be (N,) arrays of one length")
         self.order = np.lexsort((np.arange(counts.size), -counts))  # most popular first
-        self.release = np.asarray(release_time, dtype=np.float64)[self.order]
+        self.release = np.asarray(release_time, dtype=np.float32)[self.order]
         self.k = int(slate_size)
         self.last_candidates = None
 
@@ -71,11 +72,11 @@ class PopularAgent:
         """The most popular items released at each query's time."""
         t = np.asarray(obs[Obs.CONTEXT])[:, 0]
         # released flags over the popularity order; take the first k released per row
-        ok = self.release[None, : 4 * self.k] <= t[:, None]  # usually enough
+        ok = released(self.release[None, : 4 * self.k], t[:, None])  # usually enough
         if (ok.sum(axis=1) >= self.k).all():
             idx = np.argsort(~ok, axis=1, kind="stable")[:, : self.k]
             return self.order[idx]
-        ok = self.release[None, :] <= t[:, None]
+        ok = released(self.release[None, :], t[:, None])
         idx = np.argsort(~ok, axis=1, kind="stable")[:, : self.k]
         return self.order[idx]
 

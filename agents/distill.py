@@ -28,6 +28,7 @@ from agents.pipeline import Scorer
 from retrieval.losses import NegativeSamplerConfig, SampledSoftmaxLoss
 from retrieval.model import TwoTowerModel
 from retrieval.train import to_torch_obs
+from simenv.clock import released
 from simenv.history import take_obs
 from simenv.types import Obs
 
@@ -147,9 +148,8 @@ def teacher_targets(
         if config.uniform_extra:
             t = part[Obs.CONTEXT][:, 0].astype(np.float64)
             extra = rng.integers(release.size, size=(ids.shape[0], config.uniform_extra))
-            ok = (release[extra] <= t[:, None]) & ~(extra[:, :, None] == ids[:, None, :]).any(
-                axis=2
-            )
+            ok = released(release[extra], t[:, None])  # simenv.clock
+            ok &= ~(extra[:, :, None] == ids[:, None, :]).any(axis=2)
             # draws are with replacement: keep the first copy of an item only, so no item
             # weighs twice in the pool's softmax (kl) or pairs (pairwise)
             same = extra[:, :, None] == extra[:, None, :]  # (b, E, E)

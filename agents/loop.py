@@ -27,6 +27,7 @@ from retrieval.model import TwoTowerConfig, TwoTowerGenerator, TwoTowerModel
 from retrieval.similarity import SimilarityConfig
 from retrieval.train import TrainConfig, fit_two_tower
 from simenv.batched_env import BatchedRecEnv
+from simenv.clock import released
 from simenv.history import EventSequences, impression_examples
 from simenv.log import ImpressionLog
 from simenv.types import Columns
@@ -181,7 +182,7 @@ def closed_loop(
             targets = teacher_targets(
                 ranker, queries, world.catalog.release_time, dcfg, np.random.default_rng([seed, r])
             )
-            pool = np.nonzero(world.items.release_time <= float(log[Columns.TIME].max()))[0]
+            pool = np.nonzero(released(world.items.release_time, log[Columns.TIME].max()))[0]
             extra, weight = DistillObjective(targets, dcfg, model, sample_pool=pool), dcfg.weight
         fit_two_tower(
             model, loss, log, seq,

@@ -24,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from simenv.clock import format_time, observed_time, released
 from simenv.rec_env import RecEnv
 from simenv.spaces import SlateSpace
 
@@ -137,10 +138,11 @@ def _validate_set(env: RecEnv, cand: np.ndarray) -> None:
     if np.unique(cand).size != cand.size:
         raise ValueError("generator action must hold distinct item ids")
     t = env.sim.time[0]
-    late = env.world.items.release_time[cand] > t
+    late = ~released(env.world.items.release_time[cand], t)  # simenv.clock: the env's own rule
     if late.any():
         raise ValueError(
-            f"generator action contains unreleased item {int(cand[late][0])} at time {t:.3f}"
+            f"generator action contains unreleased item {int(cand[late][0])} at time "
+            f"{format_time(observed_time(t))}"
         )
 
 

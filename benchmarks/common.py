@@ -40,7 +40,7 @@ from retrieval.model import TwoTowerConfig, TwoTowerGenerator, TwoTowerModel
 from retrieval.similarity import SimilarityConfig
 from retrieval.towers import ItemTowerConfig, UserTowerConfig
 from retrieval.train import TrainConfig, TrainResult, fit_two_tower
-from simenv import BatchedRecEnv, EnvConfig, World, WorldConfig, collect
+from simenv import BatchedRecEnv, EnvConfig, World, WorldConfig, clock, collect
 from simenv.history import EventSequences
 from simenv.log import ImpressionLog
 from simenv.policies import InGroupPolicy, LoggingPolicy, PopularityPolicy, UniformPolicy
@@ -294,7 +294,7 @@ def evaluate_generator(
     ids, _ = gen.retrieve(ev.obs, kmax, exclude_seen=False)
     ug = data.world.users.group[ev.user]
     ig = data.world.items.group
-    released = data.world.items.release_time[None, :] <= ev.time[:, None]
+    released = clock.released(data.world.items.release_time[None, :], ev.time[:, None])
     out: dict[str, float] = {}
     for k in ks:
         out[f"recall@{k}"] = mean_over_users(recall_at_k(ids, ev.positives, k))

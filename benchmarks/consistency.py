@@ -35,6 +35,7 @@ from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
 from retrieval.model import TwoTowerModel
 from retrieval.train import TrainConfig, fit_two_tower
 from simenv import BatchedRecEnv
+from simenv.clock import released
 from simenv.history import impression_examples, take_obs
 
 # KL distillation on per-query standardised ranker scores (independent of the score scale)
@@ -75,7 +76,7 @@ class ConsistencyConfig(ExperimentConfig):
 
 def _train_distilled(data, targets, dcfg: DistillConfig, tcfg: TrainConfig) -> TwoTowerModel:
     model = TwoTowerModel.build(default_two_tower(64), data.world.catalog)
-    pool = np.nonzero(data.world.items.release_time <= data.t1)[0]
+    pool = np.nonzero(released(data.world.items.release_time, data.t1))[0]
     obj = DistillObjective(targets, dcfg, model, sample_pool=pool)
     fit_two_tower(
         model, mixed_negatives(), data.train, data.seq_train, tcfg, valid=data.valid_set,

@@ -37,6 +37,7 @@ from benchmarks.registry import experiment, param
 from benchmarks.runner import RunContext
 from retrieval.model import TwoTowerConfig, TwoTowerModel
 from retrieval.towers import IDItemTower, ItemTowerConfig
+from simenv.clock import released
 
 ID = "ID"
 BOW = "bag of words"
@@ -195,7 +196,7 @@ def _zero_new_item_ids(model, data) -> dict[str, float]:
     catalog, future items included, and push them away from users.) Modifies ``model``.
     """
     id_part = next(p for p in model.item_tower.parts if isinstance(p, IDItemTower))
-    new = torch.from_numpy(np.flatnonzero(data.world.items.release_time > data.t1))  # (n_new,)
+    new = torch.from_numpy(np.flatnonzero(~released(data.world.items.release_time, data.t1)))
     fresh = TwoTowerModel.build(model.config, data.world.catalog).item_tower  # same seeds
     init = next(p for p in fresh.parts if isinstance(p, IDItemTower)).embedding.weight[new]
     with torch.no_grad():

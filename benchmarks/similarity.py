@@ -36,6 +36,7 @@ from benchmarks.common import (
 from benchmarks.registry import experiment, param
 from benchmarks.runner import RunContext
 from retrieval.similarity import norm_popularity_correlation
+from simenv.clock import released
 
 DOT = "dot"
 DOT_LEARNED = "dot (learnable tau)"
@@ -105,7 +106,7 @@ def run(cfg: SimilarityExperimentConfig, ctx: RunContext) -> None:
     for seed in ctx.seeds:
         data = offline_data(ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user)
         wl = world_label(env_config(ctx.quick), seed)
-        warm = data.world.items.release_time <= data.t1  # (N,) items of the training period
+        warm = released(data.world.items.release_time, data.t1)  # (N,) items of the training period
         counts = data.train_counts[warm]
         for name in ctx.progress(variants, desc=f"seed {seed}"):
             model_cfg = default_two_tower(cfg.dim, **all_variants[name])

@@ -43,6 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+from simenv.clock import released
 from simenv.types import EventType, ItemCatalog, Obs
 
 __all__ = [
@@ -377,7 +378,7 @@ class CandidateGenerator(abc.ABC):
     def _eligible_scores(self, obs: dict[str, np.ndarray], exclude_seen: bool) -> np.ndarray:
         scores = np.array(self._score(obs), dtype=np.float64)  # (b, N), own copy
         now = obs[Obs.CONTEXT][:, 0].astype(np.float64)  # (b,)
-        scores[self.release_time[None, :] > now[:, None]] = -np.inf  # not released yet
+        scores[~released(self.release_time[None, :], now[:, None])] = -np.inf  # not released yet
         if exclude_seen:
             rows, cols = np.nonzero(obs[Obs.MASK] == 1)
             scores[rows, obs[Obs.ITEMS][rows, cols]] = -np.inf

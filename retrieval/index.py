@@ -49,6 +49,8 @@ import faiss
 import numpy as np
 import torch
 
+from simenv.clock import observed_time, released
+
 __all__ = [
     "IndexConfig",
     "ItemIndex",
@@ -312,8 +314,8 @@ class _Constraints:
         self.exclude_keys: np.ndarray | None = None  # sorted row * N + id
         self.global_mask: np.ndarray | None = None  # (N,) bool
         self.row_mask: np.ndarray | None = None  # (B, N) bool
-        self.release_time: np.ndarray | None = None  # (N,) float64
-        self.times: np.ndarray | None = None  # (B,) float64
+        self.release_time: np.ndarray | None = None  # (N,) float32 (simenv.clock)
+        self.times: np.ndarray | None = None  # (B,) float32, the observed time (simenv.clock)
         if exclude is not None:
             ex = np.asarray(exclude)
             if ex.ndim != 2 or ex.shape[0] != n_queries:
@@ -347,7 +349,9 @@ class _Constraints:
                 )
             if np.isnan(rt).any() or np.isnan(t).any():
                 raise ValueError("allowed.release_time and allowed.time must not contain NaN")
-            self.release_time, self.times = rt, t
+            # one definition of "released" (simenv.clock): compare in float32, so every path
+            # below (numpy, searchsorted counts, torch masks) agrees with the env
+            self.release_time, self.times = rt.astype(np.float32), observed_time(t)
         elif allowed is not None:
             m = np.asarray(allowed)
             if m.dtype != np.bool_:
@@ -416,7 +420,7 @@ class _Constraints:
         if self.row_mask is not None:
             ok &= self.row_mask[rows[:, None], safe]
         if self.times is not None:
-            ok &= self.release_time[safe] <= self.times[rows][:, None]
+            ok &= released(self.release_time[safe], self.times[rows][:, None])  # simenv.clock
         return ok
 
     def eligible(self, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:

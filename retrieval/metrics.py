@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy.stats import rankdata
 
+from simenv.clock import released
+
 __all__ = [
     "ItemSegment",
     "coverage",
@@ -578,7 +580,7 @@ def item_segments(
             f"tail_share must be in [0, 1 - head_share={1 - head_share}], got {tail_share!r}"
         )
     seg = np.full(c.shape[0], ItemSegment.COLD, dtype=np.int8)
-    warm = np.flatnonzero(rt <= cutoff)
+    warm = np.flatnonzero(released(rt, cutoff))  # simenv.clock
     n_warm = warm.size
     order = warm[np.lexsort((warm, -c[warm]))]  # most counted first, ties by id
     n_head = math.ceil(head_share * n_warm - 1e-9)

@@ -39,6 +39,7 @@ from retrieval.losses import RetrievalLossConfig, build_loss
 from retrieval.model import TwoTowerModel
 from retrieval.towers.item import IDItemTower
 from simenv.atomic import atomic_write
+from simenv.clock import released
 from simenv.log import ImpressionLog
 from simenv.types import Obs
 
@@ -377,7 +378,7 @@ def _fit(
     loss_fn = build_loss(loss_config, n_items, model.similarity)
     if release_time is not None and hasattr(loss_fn, "set_sample_pool") and len(train_log):
         train_end = float(train_log["time"].max())
-        loss_fn.set_sample_pool(np.nonzero(np.asarray(release_time) <= train_end)[0])
+        loss_fn.set_sample_pool(np.nonzero(released(np.asarray(release_time), train_end))[0])
     if world > 1:  # start every process from rank 0's weights
         for t in model.state_dict().values():
             torch.distributed.broadcast(t, src=0)

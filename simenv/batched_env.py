@@ -8,6 +8,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from simenv.clock import released
 from simenv.config import EnvConfig, check_range
 from simenv.core import Simulator, StepResult
 from simenv.rec_env import make_world
@@ -77,7 +78,7 @@ class BatchedRecEnv(VectorEnv):
         self.world = make_world(config, world, world_seed)
         self.sim = Simulator(self.world, config, self.num_envs)
         n_items = self.world.n_items
-        pool = np.nonzero(self.world.items.release_time <= 0)[0]
+        pool = np.nonzero(released(self.world.items.release_time, 0.0))[0]
         self.single_action_space = SlateSpace(n_items, config.slate_size, sample_pool=pool)
         self.action_space = SlateSpace(
             n_items, config.slate_size, batch=self.num_envs, sample_pool=pool

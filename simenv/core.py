@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simenv.clock import format_time, observed_time, released
 from simenv.config import EnvConfig
 from simenv.streams import (
     exponential_from_uniform,
@@ -112,7 +113,7 @@ class Simulator:
         self.fatigue_decay_per_day = np.log(2.0) / self.um.fatigue_half_life
         # a slate that is valid at any time (items released at time <= 0): used in place of the
         # ignored action of slots that are being reset
-        initial = np.nonzero(self.release <= 0)[0]
+        initial = np.nonzero(released(self.release, 0.0))[0]
         if initial.size < self.k:
             raise ValueError(
                 f"slate_size={self.k} exceeds the {initial.size} items available at time 0"
@@ -247,13 +248,15 @@ class Simulator:
                 f"{name} must hold distinct items per slate; row {r} has duplicates: {sub[r].tolist()}"
             )
         t = self.time if rows is None else self.time[rows]
-        unreleased = self.release[sub] > t[:, None]
+        unreleased = ~released(self.release[sub], t[:, None])  # simenv.clock: one definition
         if unreleased.any():
             r, j = (int(x[0]) for x in np.nonzero(unreleased))
             raise ValueError(
                 f"{name} contains unreleased item {int(sub[r, j])} (release time "
-                f"{float(self.release[sub[r, j]]):.3f} > current time {float(t[r]):.3f}); only "
-                "items with release_time <= time may be recommended"
+                f"{format_time(self.release[sub[r, j]])} > current time "
+                f"{format_time(observed_time(t[r]))}, the float32 time the observation carries; "
+                f"float64 clock {format_time(t[r])}); only items with release_time <= time may "
+                "be recommended"
             )
         return a.astype(np.int64, copy=False)
 
@@ -478,7 +481,7 @@ class Simulator:
         for s in range(0, self.n_items, chunk):
             ids = np.arange(s, min(self.n_items, s + chunk))
             util = self.true_utility(ids)
-            util[self.release[ids][None, :] > self.time[:, None]] = -np.inf
+            util[~released(self.release[ids][None, :], self.time[:, None])] = -np.inf
             cs = np.concatenate([best_s, util], axis=1)
             ci = np.concatenate([best_i, np.broadcast_to(ids, (self.B, ids.size))], axis=1)
             kk = min(k, cs.shape[1])

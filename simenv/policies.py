@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from simenv.arrays import first_occurrence
+from simenv.clock import format_time, observed_time, released
 from simenv.config import check_range
 from simenv.types import Obs, obs_users
 from simenv.world import World
@@ -47,7 +48,8 @@ class LoggingPolicy:
         self.rng = np.random.default_rng(seed)
         self.last_candidates: np.ndarray | None = None
         n = world.n_items
-        release = world.items.release_time.astype(np.float64)
+        # float32, compared with the observed float32 time (simenv.clock: one definition)
+        release = np.asarray(world.items.release_time, dtype=np.float32)
         self._release = release
         by_release = np.argsort(release, kind="stable")
         self._release_sorted = release[by_release]
@@ -92,7 +94,7 @@ class LoggingPolicy:
     def act(self, obs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Slates (B, k) int64 and their per-position propensities (B, k) float32."""
         users = obs_users(obs)
-        t = np.asarray(obs[Obs.CONTEXT])[:, 0].astype(np.float64)
+        t = observed_time(np.asarray(obs[Obs.CONTEXT])[:, 0])  # (B,) float32
         b, k, eps = users.shape[0], self.k, self.epsilon
         seg = self._segment_of_users(users)
         start = self._seg_start[seg]  # (B,) first index of each row's segment block
@@ -110,7 +112,8 @@ class LoggingPolicy:
                 r = int(np.argmin(n_allowed))
                 raise ValueError(
                     f"with epsilon=0 the policy may show only {int(n_allowed[r])} released items "
-                    f"to user {int(users[r])} at time {t[r]:.3f}, fewer than slate_size={k}"
+                    f"to user {int(users[r])} at time {format_time(t[r])}, fewer than "
+                    f"slate_size={k}"
                 )
         slates = np.full((b, k), -1, dtype=np.int64)
         filled = np.zeros(b, dtype=np.int64)
@@ -120,7 +123,7 @@ class LoggingPolicy:
             if todo.size == 0:
                 break
             cand = self._draw(start[todo], end[todo], n_rel_int[todo], m)  # (n, m), replacement
-            ok = self._release[cand] <= t[todo, None]  # always true; a guard only
+            ok = released(self._release[cand], t[todo, None])  # always true; a guard only
             # keep first occurrences (sequential sampling with rejection of repeats = PL)
             ok &= first_occurrence(np.where(ok, cand, -1 - np.arange(m)[None, :]))
             # and drop items already in the slate from earlier rounds

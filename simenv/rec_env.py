@@ -8,6 +8,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from simenv.clock import released
 from simenv.config import EnvConfig, UserModelConfig, WorldConfig
 from simenv.core import Simulator, StepResult
 from simenv.spaces import SlateSpace, observation_space
@@ -88,8 +89,9 @@ class RecEnv(gym.Env):
 
     ## Action Space
     :class:`simenv.spaces.SlateSpace` ``(k,)`` int64: k distinct item ids in ``[0, N)``, each
-    released (``release_time <= current time``). Anything else raises ``ValueError`` and leaves
-    the state unchanged.
+    released (``release_time <= current time``, compared at the float32 time the observation
+    carries: :func:`simenv.clock.released`). Anything else raises ``ValueError`` and leaves the
+    state unchanged.
 
     ## Observation Space
     ``Dict``: ``item_ids`` (L,) int64, ``events`` (L,) int64 (:class:`simenv.types.EventType`),
@@ -148,7 +150,7 @@ class RecEnv(gym.Env):
         self.world = make_world(self.config, world, world_seed)
         self.sim = Simulator(self.world, self.config, 1)
         n_items = self.world.n_items
-        pool = np.nonzero(self.world.items.release_time <= 0)[0]
+        pool = np.nonzero(released(self.world.items.release_time, 0.0))[0]
         self.action_space = SlateSpace(n_items, self.config.slate_size, sample_pool=pool)
         self.observation_space = observation_space(
             n_items, self.world.n_users, self.config.history_length

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from simenv import clock
 from simenv.config import UserModelConfig, WorldConfig, check_range
 from simenv.types import ItemCatalog
 
@@ -349,7 +350,8 @@ class World:
             ids = np.arange(s, min(self.n_items, s + chunk))
             util = self.utility(users, ids, pref)
             if t is not None:
-                util = np.where(self.items.release_time[ids][None, :] <= t[:, None], util, -np.inf)
+                ok = clock.released(self.items.release_time[ids][None, :], t[:, None])
+                util = np.where(ok, util, -np.inf)
             cand_s = np.concatenate([best_s, util], axis=1)
             cand_i = np.concatenate([best_i, np.broadcast_to(ids, (b, ids.size))], axis=1)
             kk = min(k, cand_s.shape[1])
@@ -364,8 +366,8 @@ class World:
         return best_i, aff.astype(np.float32)
 
     def released(self, time: float) -> np.ndarray:
-        """Boolean (N,) mask of items released at ``time``."""
-        return self.items.release_time <= time
+        """Boolean (N,) mask of items released at ``time`` (:func:`simenv.clock.released`)."""
+        return clock.released(self.items.release_time, time)
 
     def __repr__(self) -> str:
         c = self.config
