@@ -482,10 +482,13 @@ def test_unreleased_items_are_rejected_until_their_release_time():
     slate = np.r_[item, slate[slate != item][: env.config.slate_size - 1]]
     with pytest.raises(ValueError, match=f"unreleased item {item}"):
         env.step(slate)
-    # just before the release time: still rejected; at it: valid
-    env.sim.time[0] = np.nextafter(np.float64(rel[item]), -np.inf)
+    # the observed (float32) time just before the release time: still rejected; a float64
+    # clock that the observation rounds to the release time: valid (simenv.clock); at it: valid
+    env.sim.time[0] = np.float64(np.nextafter(rel[item], np.float32(-np.inf)))
     with pytest.raises(ValueError, match="unreleased"):
         env.step(slate)
+    env.sim.time[0] = np.nextafter(np.float64(rel[item]), -np.inf)
+    env.step(slate)
     env.sim.time[0] = np.float64(rel[item])
     env.step(slate)
     # the oracle never proposes unreleased items
@@ -493,7 +496,7 @@ def test_unreleased_items_are_rejected_until_their_release_time():
     venv.reset(seed=0)
     for _ in range(20):
         best = venv.best_slates()
-        assert np.all(rel[best] <= venv.sim.time[:, None])
+        assert np.all(rel[best] <= venv.sim.time[:, None].astype(np.float32))
         venv.step(best)
 
 
