@@ -424,9 +424,9 @@ class Simulator:
     def observation(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Observation dict of the slots (copies), batched ``(B, ...)`` or for ``rows``."""
         sl = slice(None) if rows is None else rows
-        t = self.time[sl]
+        t = observed_time(self.time[sl])  # float32: the time "released" is decided at
         mask = self.h_mask[sl]
-        dt = t.astype(np.float32)[:, None] - self.h_time[sl]  # (B, L) days since each event
+        dt = t[:, None] - self.h_time[sl]  # (B, L) days since each event
         dt *= mask
         context = np.stack([t, self.session[sl], self.position[sl]], axis=1).astype(np.float32)
         return {

@@ -8,6 +8,7 @@ import pytest
 
 from agents.rollout import OUTCOMES, rollout
 from simenv import BatchedRecEnv
+from simenv.types import obs_users
 from tests.agents.helpers import small_world
 from tests.simenv.helpers import hash_slates
 
@@ -26,7 +27,7 @@ class HashAgent:
         self.last_candidates = None
 
     def act(self, obs):
-        users = np.asarray(obs["user"]).reshape(-1)
+        users = obs_users(obs)
         salt = np.where(np.isin(users, self.other), self.salt, 0)
         return hash_slates(self.world, obs, self.k, salt)
 

@@ -43,14 +43,15 @@ def hash_slates(world: Any, obs: dict[str, np.ndarray], k: int, salt: Any = 0) -
     user's group released at time 0 with the smallest hash of (item, user, session, position in
     session, last item in history, salt). ``salt`` is a scalar or one value per row."""
     from simenv.streams import mix64
+    from simenv.types import Obs, obs_users
 
-    users = np.asarray(obs["user"]).reshape(-1).astype(np.int64)
-    ctx = np.asarray(obs["context"])
+    users = obs_users(obs).astype(np.int64)
+    ctx = np.asarray(obs[Obs.CONTEXT])
     state = (
         users * 1_000_003
         + ctx[:, 1].astype(np.int64) * 7_919
         + ctx[:, 2].astype(np.int64) * 104_729
-        + np.asarray(obs["items"])[:, -1] * 15_485_863
+        + np.asarray(obs[Obs.ITEMS])[:, -1] * 15_485_863
         + np.asarray(salt, dtype=np.int64)
     )
     h = mix64(np.arange(world.n_items, dtype=np.uint64)[None, :] ^ mix64(state)[:, None])

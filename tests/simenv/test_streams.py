@@ -18,6 +18,7 @@ from simenv.streams import (
     stream_keys,
     uniforms,
 )
+from simenv.types import Obs
 from tests.simenv.helpers import assert_equal_nested, hash_slates
 
 
@@ -77,7 +78,9 @@ def _trajectory(env, users, seed, steps):
     out = {int(u): [] for u in users}
     live = np.ones(len(users), dtype=bool)
     for _ in range(steps):
-        obs_next, rew, term, trunc, info = env.step(hash_slates(env.world, obs, env.config.slate_size))
+        obs_next, rew, term, trunc, info = env.step(
+            hash_slates(env.world, obs, env.config.slate_size)
+        )
         for i in np.nonzero(live)[0]:
             out[int(users[i])].append(
                 (float(rew[i]), int(info["clicked_position"][i]), int(info["event"][i]))
@@ -100,7 +103,9 @@ def test_a_users_outcomes_do_not_depend_on_batch_or_order():
     single = []
     for _ in range(40):
         batch_obs = {k: v[None, ...] for k, v in obs.items()}
-        obs, rew, term, trunc, info = env.step(hash_slates(env.world, batch_obs, env.config.slate_size)[0])
+        obs, rew, term, trunc, info = env.step(
+            hash_slates(env.world, batch_obs, env.config.slate_size)[0]
+        )
         single.append((float(rew), info["clicked_position"], info["event"]))
         if term or trunc:
             break
@@ -112,13 +117,13 @@ def test_reset_seed_keys_draws_and_restarts_episode_counts():
     cfg = EnvConfig.small()
     env = BatchedRecEnv(2, cfg)
     obs, _ = env.reset(seed=9, options={"user_ids": np.array([5, 5])})
-    t0 = obs["context"][:, 0].copy()
+    t0 = obs[Obs.CONTEXT][:, 0].copy()
     assert t0[0] != t0[1]  # the user's episodes 0 and 1: different start-time draws
     obs2, _ = env.reset(seed=9, options={"user_ids": np.array([5, 8])})
-    assert obs2["context"][0, 0] == t0[0]  # episode 0 of user 5 again
+    assert obs2[Obs.CONTEXT][0, 0] == t0[0]  # episode 0 of user 5 again
     obs3, _ = env.reset(options={"user_ids": np.array([5, 5])})  # no seed: counts go on
-    assert obs3["context"][0, 0] == t0[1]  # episode 1 of user 5
-    assert obs3["context"][1, 0] not in t0  # episode 2
+    assert obs3[Obs.CONTEXT][0, 0] == t0[1]  # episode 1 of user 5
+    assert obs3[Obs.CONTEXT][1, 0] not in t0  # episode 2
     # users drawn by slots are a function of (seed, slot, slot episode)
     x = BatchedRecEnv(3, cfg)
     y = BatchedRecEnv(3, cfg)
