@@ -4,7 +4,14 @@ Simple policies, single-stage and multi-stage pipelines, distillation of the gen
 the ranker, the two-agent view and online rollouts.
 """
 
-from agents.base import Agent, OracleAgent, PopularAgent, RandomAgent
+from agents.base import (
+    Agent,
+    ExpectedRewardOracle,
+    GreedyUtilityOracle,
+    OracleAgent,
+    PopularAgent,
+    RandomAgent,
+)
 from agents.multiagent import GeneratorEnv, RankerEnv, TwoAgentRecEnv
 from agents.pipeline import (
     MultiStagePipeline,
@@ -20,6 +27,8 @@ __all__ = [
     "GeneratorEnv",
     "MultiStagePipeline",
     "OracleAgent",
+    "GreedyUtilityOracle",
+    "ExpectedRewardOracle",
     "PopularAgent",
     "RandomAgent",
     "RankerEnv",

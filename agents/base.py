@@ -1,4 +1,4 @@
-"""The agent protocol and the simple agents (random, popular, oracle).
+"""The agent protocol and the simple agents (random, popular, two oracles).
 
 An agent is anything with ``act(obs) -> slates`` over a batch of observations (the
 ``BatchedRecEnv`` format). Stochastic agents also set ``last_propensities`` (B, k) and
@@ -18,7 +18,15 @@ from simenv.policies import UniformPolicy
 from simenv.types import Obs
 from simenv.world import World
 
-__all__ = ["Agent", "RandomAgent", "PopularAgent", "OracleAgent", "released_mask"]
+__all__ = [
+    "Agent",
+    "RandomAgent",
+    "PopularAgent",
+    "GreedyUtilityOracle",
+    "ExpectedRewardOracle",
+    "OracleAgent",
+    "released_mask",
+]
 
 
 @runtime_checkable
@@ -81,19 +89,45 @@ class PopularAgent:
         return self.order[idx]
 
 
-class OracleAgent:
-    """Reads the truth: the k released items of highest current utility (the upper bound).
+class GreedyUtilityOracle:
+    """Reads the truth: per user, the k released items of highest current click utility.
 
-    Greedy in each user's current utility (drifted preference, fatigue); myopic, so it is an
-    upper bound on what any ranker of the same slate-by-slate kind can reach.
+    Greedy in each user's current click utility (drifted preference, fatigue, group); it
+    ignores likes, dislikes, watch time, position and what a slate does to later steps
+    (fatigue, budget, returns). A reference point, not an upper bound: other agents (e.g.
+    :class:`ExpectedRewardOracle`) can earn more reward.
     """
 
-    name = "oracle"
+    name = "oracle-utility"
 
     def __init__(self, env: BatchedRecEnv) -> None:
         self.env = env
         self.last_candidates = None
 
     def act(self, obs: dict[str, Any]) -> np.ndarray:
-        """The env's oracle slates (the observation is not needed)."""
-        return self.env.best_slates()
+        """The env's utility-oracle slates (the observation is not needed)."""
+        return self.env.best_slates(kind="utility")
+
+
+OracleAgent = GreedyUtilityOracle
+"""Former name of :class:`GreedyUtilityOracle` (kept for old code)."""
+
+
+class ExpectedRewardOracle:
+    """Reads the truth: per user, a greedy build in the true expected reward of the reward mix.
+
+    Position by position, the released item that maximises the slate's expected reward
+    (click, like, dislike and watch time under the MNL with position bias, given the current
+    state including fatigue; see :meth:`simenv.core.Simulator.best_slates`). Myopic (one step)
+    and greedy, so also a reference point, not an upper bound.
+    """
+
+    name = "oracle-expected-reward"
+
+    def __init__(self, env: BatchedRecEnv) -> None:
+        self.env = env
+        self.last_candidates = None
+
+    def act(self, obs: dict[str, Any]) -> np.ndarray:
+        """The env's expected-reward-oracle slates (the observation is not needed)."""
+        return self.env.best_slates(kind="expected_reward")

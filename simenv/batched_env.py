@@ -198,6 +198,15 @@ class BatchedRecEnv(VectorEnv):
         info.update(masks)
         return info
 
-    def best_slates(self, k: int | None = None) -> np.ndarray:
-        """Oracle slates (B, k): released items of highest current utility (reads the truth)."""
-        return self.sim.best_slates(k)[0]
+    def best_slates(self, k: int | None = None, kind: str = "utility") -> np.ndarray:
+        """Oracle slates (B, k), reading the truth.
+
+        ``kind="utility"``: the released items of highest current click utility;
+        ``"expected_reward"``: the greedy build in the expected reward of the reward mix (see
+        :meth:`simenv.core.Simulator.best_slates`).
+        """
+        return self.sim.best_slates(k, kind=kind)[0]
+
+    def expected_reward(self, slates: np.ndarray) -> np.ndarray:
+        """Expected reward (B,) of showing these slates now (reads the truth; one step)."""
+        return self.sim.expected_reward(slates)

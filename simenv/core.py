@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import special
 
 from simenv.clock import format_time, observed_time, released
 from simenv.config import EnvConfig
@@ -439,42 +440,155 @@ class Simulator:
         }
 
     # ------------------------------------------------------------------ truth
-    def true_utility(self, items: np.ndarray) -> np.ndarray:
-        """Current click utility (drifted preference and fatigue, no position term).
+    def _truth_terms(
+        self, items: np.ndarray, rows: np.ndarray | slice
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(match <p, z_i>, fatigue on the item's topic, same group)`` (b, K) of slots ``rows``.
 
-        Args:
-            items: int (B, K) per slot, or (K,) shared by all slots.
-
-        Returns:
-            float32 (B, K); ``-inf`` (or ``+ log(epsilon)``) for other-group items.
+        ``items`` is int (b, K) per slot or (K,) shared by all of them.
         """
         items = np.asarray(items, dtype=np.int64)
-        fat_now = self.current_fatigue()  # (B, T)
+        pref = self.pref[rows]  # (b, d)
+        fat_now = self.current_fatigue()[rows]  # (b, T)
+        group = self.group[rows]
         if items.ndim == 1:
-            util = self.um.affinity_scale * (self.pref @ self.latent[items].T)  # (B, K)
-            util += self.appeal[items]
-            util -= fat_now[:, self.item_topic[items]]
-            same = self.item_group[items][None, :] == self.group[:, None]
+            match = pref @ self.latent[items].T  # (b, K)
+            fat = fat_now[:, self.item_topic[items]]
+            same = self.item_group[items][None, :] == group[:, None]
         else:
-            z = self.latent[items]  # (B, K, d)
-            util = self.um.affinity_scale * np.matmul(z, self.pref[:, :, None])[:, :, 0]
-            util += self.appeal[items]
-            util -= np.take_along_axis(fat_now, self.item_topic[items], axis=1)
-            same = self.item_group[items] == self.group[:, None]
+            match = np.matmul(self.latent[items], pref[:, :, None])[:, :, 0]  # (b, K)
+            fat = np.take_along_axis(fat_now, self.item_topic[items], axis=1)
+            same = self.item_group[items] == group[:, None]
+        return match, fat, same
+
+    def _utility_from_terms(
+        self, items: np.ndarray, match: np.ndarray, fat: np.ndarray, same: np.ndarray
+    ) -> np.ndarray:
+        util = self.um.affinity_scale * match
+        util += self.appeal[np.asarray(items, dtype=np.int64)]
+        util -= fat
         if self.cross_log_eps == -np.inf:
             util[~same] = -np.inf
         else:
             util[~same] += np.float32(self.cross_log_eps)
         return util.astype(np.float32, copy=False)
 
-    def best_slates(self, k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Oracle: the k released items of highest current utility per slot, best first.
+    def true_utility(self, items: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Current click utility (drifted preference and fatigue, no position term).
 
-        Returns ``(items int64 (B, k), utility float32 (B, k))``. Greedy in the current
-        utility (the myopic upper bound); it ignores the position term, which only lowers
-        every slot's utility by the same amount per position.
+        Args:
+            items: int (B, K) per slot, or (K,) shared by all slots.
+            rows: slots to compute (default all; ``items`` then has ``len(rows)`` rows if 2-D).
+
+        Returns:
+            float32 (B, K); ``-inf`` (or ``+ log(epsilon)``) for other-group items.
+        """
+        sl = slice(None) if rows is None else rows
+        match, fat, same = self._truth_terms(items, sl)
+        return self._utility_from_terms(items, match, fat, same)
+
+    def click_reward(self, items: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Expected reward of a click on each item, given the current state: float64 (B, K).
+
+        With ``mu = kappa (<p, z_i> - offset) + 0.5 q_i - F[topic_i]`` the watch fraction is
+        ``w = sigmoid(mu + sigma N(0, 1))`` (RecEnv equation 3), so
+        ``P(dislike) = Phi((logit(dislike_threshold) - mu) / sigma)``,
+        ``P(like) = like_probability * Phi((mu - logit(like_threshold)) / sigma)`` and
+        ``E[w]`` is a 32-node Gauss-Hermite integral; the click reward is
+        ``c_click + c_like P(like) + c_dislike P(dislike) + c_watch E[w] length_i`` (equation 4).
+        ``sigma = 0`` gives the deterministic thresholds.
+
+        Args:
+            items: int (B, K) per slot, or (K,) shared by all slots.
+            rows: slots to compute (default all).
+        """
+        sl = slice(None) if rows is None else rows
+        match, fat, _ = self._truth_terms(items, sl)
+        return self._click_reward_from_terms(np.asarray(items, dtype=np.int64), match, fat)
+
+    def _click_reward_from_terms(
+        self, items: np.ndarray, match: np.ndarray, fat: np.ndarray
+    ) -> np.ndarray:
+        um, rc = self.um, self.config.reward
+        mu = um.watch_sharpness * (match.astype(np.float64) - um.watch_offset)
+        mu += 0.5 * self.quality[items].astype(np.float64)
+        mu -= fat
+        sigma = float(um.watch_noise)
+
+        def logit(p: float) -> float:
+            if p <= 0.0:
+                return -np.inf
+            if p >= 1.0:
+                return np.inf
+            return float(np.log(p / (1.0 - p)))
+
+        def below(threshold: float) -> np.ndarray:  # P(w < threshold)
+            x = logit(threshold)
+            if sigma == 0.0:
+                return (mu < x).astype(np.float64)
+            return special.ndtr((x - mu) / sigma)
+
+        out = np.full(mu.shape, float(rc.click))
+        if rc.dislike:
+            out += rc.dislike * below(um.dislike_threshold)
+        if rc.like:
+            out += rc.like * um.like_probability * (1.0 - below(um.like_threshold))
+        if rc.watch:
+            if sigma == 0.0:
+                ew = special.expit(mu)
+            else:  # E[sigmoid(mu + sigma eps)], eps ~ N(0, 1): Gauss-Hermite quadrature
+                x, w = np.polynomial.hermite.hermgauss(32)
+                ew = np.zeros_like(mu)
+                for xn, wn in zip(x, w, strict=True):
+                    ew += (wn / np.sqrt(np.pi)) * special.expit(mu + sigma * np.sqrt(2.0) * xn)
+            out += rc.watch * ew * self.minutes[items].astype(np.float64)
+        return out
+
+    def expected_reward(self, slates: np.ndarray) -> np.ndarray:
+        """Expected reward of showing each slot its slate now: float64 (B,) (reads the truth).
+
+        ``E[r] = sum_j P(j) g(i_j)``: the MNL click probability of position j with position bias
+        and the no-click option (equations 1-2) times the expected reward of a click on the
+        item there (:meth:`click_reward`). One step only: the effect on later steps (fatigue,
+        drift, budget, returns) is not counted.
+
+        Args:
+            slates: int (B, k') distinct item ids per slot (k' <= the env's k is allowed).
+        """
+        slates = np.asarray(slates, dtype=np.int64)
+        match, fat, same = self._truth_terms(slates, slice(None))
+        util = self._utility_from_terms(slates, match, fat, same).astype(np.float64)
+        util += position_bias(self.um, slates.shape[1])  # (B, k')
+        u0 = float(self.um.no_click_utility)
+        m = np.maximum(util.max(axis=1), u0)  # (B,) stabiliser
+        e = np.exp(util - m[:, None])  # (B, k')
+        g = self._click_reward_from_terms(slates, match, fat)
+        return (e * g).sum(axis=1) / (e.sum(axis=1) + np.exp(u0 - m))
+
+    def best_slates(
+        self, k: int | None = None, kind: str = "utility"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Oracle slates per slot (reads the truth), over the released catalog.
+
+        ``kind="utility"``: the k released items of highest current click utility, best first;
+        returns ``(items int64 (B, k), utility float32 (B, k))``. Greedy in the utility only:
+        it ignores likes, dislikes, watch time and what the slate does to later steps, and the
+        position term (which lowers every item's utility by the same amount per position).
+
+        ``kind="expected_reward"``: a greedy sequential build in the expected reward of the
+        configured reward mix (:meth:`expected_reward`). A slate's expected reward under the
+        MNL is not a sum over its items (each item takes click probability from the others and
+        from no-click), so position ``j = 0, 1, ...`` gets the released item not yet chosen that
+        maximises the expected reward of the slate so far with that item at position j (its
+        position bias included); items that would lower it are placed only when every item
+        would. Returns ``(items int64 (B, k), the expected reward of the first j + 1 items,
+        float64 (B, k))``. Myopic as well (one step), and greedy, not the exact optimum.
         """
         k = self.k if k is None else int(k)
+        if kind == "expected_reward":
+            return self._best_expected_reward(k)
+        if kind != "utility":
+            raise ValueError(f"kind must be 'utility' or 'expected_reward', got {kind!r}")
         chunk = max(4096, (1 << 23) // max(self.B, 1))  # bounds memory at about B x chunk floats
         best_s = np.full((self.B, 0), -np.inf, dtype=np.float32)
         best_i = np.zeros((self.B, 0), dtype=np.int64)
@@ -490,3 +604,77 @@ class Simulator:
             best_i = np.take_along_axis(ci, part, axis=1)
         order = np.argsort(-best_s, axis=1, kind="stable")
         return np.take_along_axis(best_i, order, axis=1), np.take_along_axis(best_s, order, axis=1)
+
+    def _best_expected_reward(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The greedy sequential expected-reward build of :meth:`best_slates`.
+
+        Without cross-group clicks (``cross_group_epsilon = 0``) each group's users are scored
+        on their own group's items only, and an item of another group, never clicked, stands
+        for "change nothing": it fills a position when every own-group item would lower the
+        slate's expected reward. Row blocks bound memory at about 2M entries per array.
+        """
+        out_i = np.zeros((self.B, k), dtype=np.int64)
+        out_v = np.zeros((self.B, k), dtype=np.float64)
+        initial = released(self.release, 0.0)  # valid at any time
+        if self.cross_log_eps == -np.inf:
+            segments = []
+            for g in np.unique(self.group):
+                own = self.item_group == g
+                fillers = np.nonzero(~own & initial)[0][:k]  # other groups, released at 0
+                segments.append((np.nonzero(self.group == g)[0], np.nonzero(own)[0], fillers))
+        else:  # every item can be clicked: the whole catalog, no neutral filler
+            segments = [(np.arange(self.B), np.arange(self.n_items), np.zeros(0, np.int64))]
+        for rows_all, ids, fillers in segments:
+            block = max(8, (1 << 21) // max(ids.size, 1))
+            for r0 in range(0, rows_all.size, block):
+                rows = rows_all[r0 : r0 + block]
+                items, value = self._greedy_block(rows, ids, fillers, k)
+                out_i[rows], out_v[rows] = items, value
+        return out_i, out_v
+
+    def _greedy_block(
+        self, rows: np.ndarray, ids: np.ndarray, fillers: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy build for slots ``rows`` over candidate items ``ids`` (plus neutral fillers)."""
+        b = rows.size
+        u0 = float(self.um.no_click_utility)
+        rho = np.exp(position_bias(self.um, k).astype(np.float64))  # (k,) e^{pos_j}
+        match, fat, same = self._truth_terms(ids, rows)  # (b, n)
+        util = self._utility_from_terms(ids, match, fat, same)  # float32 (b, n)
+        g = self._click_reward_from_terms(ids, match, fat)  # float64 (b, n)
+        del match, fat, same
+        c = np.maximum(util.max(axis=1).astype(np.float64), u0)  # (b,) stabiliser: e <= 1
+        e = np.exp(util - c[:, None].astype(np.float32))  # (b, n) e^{u_i - c}
+        eg = e * g.astype(np.float32)  # (b, n)
+        gone = ~released(self.release[ids][None, :], self.time[rows, None])  # (b, n)
+        e[gone], eg[gone] = 0.0, -np.inf  # unreleased (later: chosen) items score -inf
+        num = np.zeros(b)  # sum over chosen of e^{u + pos} g, scaled by e^{-c}
+        den = np.exp(u0 - c)  # e^{u_0} + sum over chosen of e^{u + pos}, scaled by e^{-c}
+        n_fill = np.zeros(b, dtype=np.int64)
+        br = np.arange(b)
+        items = np.zeros((b, k), dtype=np.int64)
+        value = np.zeros((b, k))
+        for j in range(k):
+            r = np.float32(rho[j])
+            val = eg * r  # (b, n) value of the slate so far with item i at position j
+            val += num[:, None].astype(np.float32)
+            w = e * r
+            w += den[:, None].astype(np.float32)
+            val /= w
+            pick = np.argmax(val, axis=1)  # (b,) first best: deterministic ties
+            wp = rho[j] * e[br, pick].astype(np.float64)
+            new_num = num + wp * g[br, pick]
+            new_den = den + wp
+            fill = np.zeros(b, dtype=bool)
+            if fillers.size:  # a neutral item instead, where the best one lowers the value
+                fill = (~np.isfinite(val[br, pick]) | (new_num / new_den < num / den)) & (
+                    n_fill < fillers.size
+                )
+            take = ~fill
+            items[take, j] = ids[pick[take]]
+            num[take], den[take] = new_num[take], new_den[take]
+            e[br[take], pick[take]], eg[br[take], pick[take]] = 0.0, -np.inf
+            items[fill, j] = fillers[np.minimum(n_fill[fill], fillers.size - 1)]
+            n_fill += fill
+            value[:, j] = num / den
+        return items, value

@@ -226,6 +226,15 @@ class RecEnv(gym.Env):
         )
 
     # ------------------------------------------------------------------ truth (oracles only)
-    def best_slate(self) -> np.ndarray:
-        """Oracle slate: the k released items of highest current utility (reads the truth)."""
-        return self.sim.best_slates()[0][0]
+    def best_slate(self, kind: str = "utility") -> np.ndarray:
+        """Oracle slate, reading the truth.
+
+        ``kind="utility"``: the k released items of highest current click utility;
+        ``"expected_reward"``: the greedy build in the expected reward of the reward mix (see
+        :meth:`simenv.core.Simulator.best_slates`).
+        """
+        return self.sim.best_slates(kind=kind)[0][0]
+
+    def expected_reward(self, slate: np.ndarray) -> float:
+        """Expected reward of showing this slate now (reads the truth; one step)."""
+        return float(self.sim.expected_reward(np.asarray(slate)[None, :])[0])
