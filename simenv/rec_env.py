@@ -79,13 +79,14 @@ class RecEnv(gym.Env):
     4. Reward: ``c_click * click + c_like * like + c_dislike * dislike + c_watch * minutes``.
     5. Transitions: time advances by ``step_minutes + minutes``; fatigue decays
        ``F <- F 2^{-dt / half_life}`` and ``F[topic_i] += fatigue_increment`` on a click;
-       interest drift ``p <- p + rho w (z_i - p)``; session budget
+       interest drift ``p <- (p + rho w (z_i - p)) / |p + rho w (z_i - p)|`` (a step toward
+       the item, renormalised: ``p`` stays a unit vector); session budget
        ``b <- min(patience, b + refill * s - step_cost)`` with satisfaction
        ``s = w + 0.5 like - 0.5 dislike`` (0 without a click).
     6. Session end when ``b <= 0``: the user returns with probability
        ``(0.5 + 0.5 activity) * sigmoid(return_slope (mean s in session - return_reference))``
-       after a gap ``Exp(mean_session_gap / activity)`` days (fatigue decays over the gap, the
-       budget refills to the patience); otherwise the user churns.
+       after an exponential gap of mean ``mean_session_gap / activity`` days (fatigue decays over
+       the gap, the budget refills to the patience); otherwise the user churns.
 
     ## Action Space
     :class:`simenv.spaces.SlateSpace` ``(k,)`` int64: k distinct item ids in ``[0, N)``, each
@@ -104,8 +105,9 @@ class RecEnv(gym.Env):
 
     ## Starting State
     A uniformly drawn user (or ``options={"user_id": u}``) with their initial preference, zero
-    fatigue, a full budget, an empty history, starting at a time uniform in
-    ``[0, start_time_max]`` days.
+    fatigue, a full budget ``b = patience`` (each user's, drawn with the world:
+    ``patience = 1 + Gamma(4, mean_patience / 4)``, mean ``mean_patience + 1``), an empty
+    history, starting at a time uniform in ``[0, start_time_max]`` days.
 
     ## Episode End
     Terminated when the user churns (does not return after a session). Truncated after
