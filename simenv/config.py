@@ -190,9 +190,13 @@ class WorldConfig(_Config):
 
 @dataclass(frozen=True)
 class RewardConfig(_Config):
-    """Reward of one step: a weighted sum of the feedback on the slate.
+    """Reward of one step: a weighted sum of the feedback on the slate (``RecEnv`` equation 4).
 
-    ``reward = click * clicks + like * likes + dislike * dislikes + watch * watch_minutes``.
+    Attributes:
+        click: c_click, reward of a click (any click, liked or disliked too): ``c_click * click``.
+        like: c_like, added for a like: ``c_like * like``.
+        dislike: c_dislike, added for a skip / dislike: ``c_dislike * dislike``.
+        watch: c_watch, reward per minute watched: ``c_watch * minutes``.
     """
 
     click: float = 1.0
@@ -209,28 +213,50 @@ class RewardConfig(_Config):
 class UserModelConfig(_Config):
     """Parameters of the user response and dynamics (the equations are in ``RecEnv``'s docstring).
 
+    Each help names the field's symbol (if the equations use one) and quotes the equation it
+    enters, verbatim from ``RecEnv``'s docstring (a test checks that they agree).
+
     Attributes:
-        affinity_scale: alpha, weight of the match ``<p_u, z_i>`` in the click utility.
-        quality_weight: beta_q, weight of item quality in the utility.
-        popularity_weight: beta_pop, weight of centred log base popularity (general appeal).
-        no_click_utility: u_0, utility of not clicking anything.
-        position_decay: eta, examination term ``-eta * log(1 + position)`` (position bias).
-        fatigue_increment: added to the fatigue of a topic each time the user consumes it.
-        fatigue_half_life: days for fatigue to halve.
-        drift_rate: rho, interest drift toward a consumed item, scaled by its watch fraction.
-        watch_sharpness: kappa, slope of the watch fraction in the match.
-        watch_offset: the match at which the expected watch fraction is one half.
-        watch_noise: standard deviation of the noise in the watch fraction's logit.
-        like_threshold: watch fraction above which a like may follow.
-        like_probability: probability of a like above the threshold.
-        dislike_threshold: watch fraction below which the click counts as a skip / dislike.
-        step_cost: session budget spent by every slate.
-        refill: budget gained per unit of satisfaction.
-        mean_patience: mean initial session budget (users differ; gamma distributed).
-        return_slope: slope of the return probability in session satisfaction.
-        return_reference: satisfaction rate at which the return probability is half the activity.
-        mean_session_gap: mean days between sessions for the most active users.
-        step_minutes: minutes a slate takes to look at (plus the watch time).
+        affinity_scale: alpha, weight of the match in the click utility: ``alpha <p, z_i>``.
+        quality_weight: beta_q, weight of item quality in the click utility: ``beta_q q_i``.
+        popularity_weight: beta_pop, weight of centred log base popularity (general appeal):
+            ``beta_pop (log pop_i - mean)``.
+        no_click_utility: u_0, utility of not clicking anything:
+            ``P(j) = e^{u_j} / (e^{u_0} + sum_l e^{u_l})``.
+        position_decay: eta, position bias of slate position j (0 at the top):
+            ``- eta log(1 + j)``.
+        fatigue_increment: added to the fatigue of a topic each time the user consumes it:
+            ``F[topic_i] += fatigue_increment``.
+        fatigue_half_life: half_life, days for fatigue to halve: ``F <- F 2^{-dt / half_life}``.
+        drift_rate: rho, interest drift toward a consumed item, scaled by its watch fraction,
+            then renormalised: ``p <- (p + rho w (z_i - p)) / |p + rho w (z_i - p)|``.
+        watch_sharpness: kappa, slope of the watch fraction's logit in the match:
+            ``kappa (<p, z_i> - offset)``.
+        watch_offset: offset, the match at which that term of the logit is zero:
+            ``kappa (<p, z_i> - offset)``.
+        watch_noise: sigma, standard deviation of the noise in the watch fraction's logit:
+            ``sigma * N(0, 1)``.
+        like_threshold: watch fraction at or above which a like may follow:
+            ``w >= like_threshold``.
+        like_probability: probability of a like then: ``like_probability``.
+        dislike_threshold: watch fraction below which the click counts as a skip / dislike:
+            ``w < dislike_threshold``.
+        step_cost: session budget spent by every slate:
+            ``b <- min(patience, b + refill * s - step_cost)``.
+        refill: budget gained per unit of satisfaction ``s = w + 0.5 like - 0.5 dislike``:
+            ``b <- min(patience, b + refill * s - step_cost)``.
+        mean_patience: sets the users' patience (initial and refilled session budget), drawn
+            with the world: ``patience = 1 + Gamma(4, mean_patience / 4)``, mean
+            ``mean_patience + 1``.
+        return_slope: slope of the return probability's logit in the session's mean
+            satisfaction: ``sigmoid(return_slope (mean s in session - return_reference))``.
+        return_reference: the mean session satisfaction at which the return probability is
+            half its maximum ``(0.5 + 0.5 activity)``:
+            ``(0.5 + 0.5 activity) * sigmoid(return_slope (mean s in session - return_reference))``.
+        mean_session_gap: mean days between sessions of a user of activity 1; the gap is
+            exponential with mean ``mean_session_gap / activity`` days.
+        step_minutes: minutes a slate takes to look at; time advances by
+            ``step_minutes + minutes`` (minutes watched).
     """
 
     affinity_scale: float = 5.0
