@@ -25,6 +25,7 @@ from retrieval.baselines import CandidateGenerator, Interactions
 from retrieval.data import EvalSet, eval_set
 from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
 from retrieval.metrics import (
+    ItemSegment,
     coverage,
     cross_group_auc,
     item_segments,
@@ -34,7 +35,6 @@ from retrieval.metrics import (
     normalised_leakage,
     popularity_bias,
     recall_at_k,
-    recall_by_segment,
 )
 from retrieval.model import TwoTowerConfig, TwoTowerGenerator, TwoTowerModel
 from retrieval.similarity import SimilarityConfig
@@ -56,6 +56,7 @@ __all__ = [
     "offline_data",
     "train_two_tower",
     "evaluate_generator",
+    "evaluate_per_user",
     "world_label",
     "default_two_tower",
     "mixed_negatives",
@@ -264,13 +265,18 @@ def train_two_tower(
     model_cfg: TwoTowerConfig,
     loss_cfg: RetrievalLossConfig,
     train_cfg: TrainConfig,
+    batch_groups: np.ndarray | None = None,
 ) -> tuple[TwoTowerModel, TrainResult, float]:
-    """Build and train a two-tower model on ``data.train`` with early stopping on ``data.valid_set``."""
+    """Build and train a two-tower model on ``data.train`` with early stopping on ``data.valid_set``.
+
+    ``batch_groups`` (a group per user id) makes every batch group-homogeneous (see
+    :func:`retrieval.train.fit_two_tower`).
+    """
     model = TwoTowerModel.build(model_cfg, data.world.catalog)
     t0 = time.perf_counter()
     res = fit_two_tower(
         model, loss_cfg, data.train, data.seq_train, train_cfg, valid=data.valid_set,
-        release_time=data.world.catalog.release_time,
+        release_time=data.world.catalog.release_time, batch_groups=batch_groups,
     )  # fmt: skip
     return model, res, time.perf_counter() - t0
 
@@ -282,44 +288,78 @@ def evaluate_generator(
     auc_users: int = 500,
     on: str = "test",
 ) -> dict[str, float]:
-    """Full-catalog offline metrics of a generator on the held-out users.
+    """Full-catalog offline metrics of a generator on the held-out users (means over users).
+
+    The means of :func:`evaluate_per_user` (NaN users skipped), plus coverage@Kmax.
+    """
+    return evaluate_per_user(gen, data, ks, auc_users, on)[0]
+
+
+def evaluate_per_user(
+    gen: CandidateGenerator,
+    data: OfflineData,
+    ks: tuple[int, ...] = (10, 100),
+    auc_users: int = 500,
+    on: str = "test",
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Full-catalog offline metrics of a generator: means and per-evaluation-user values.
 
     recall@K and NDCG@K against the held-out positives (seen items are not excluded: users
     re-consume), leakage@K (share of other-group items) and its normalised form (random
-    retrieval over the released catalog = 1), cross-group AUC on up to ``auc_users`` users,
-    coverage, popularity bias (mean log(1 + train count)), recall@Kmax by item segment.
+    retrieval over the released catalog = 1), cross-group AUC on the first ``auc_users``
+    users, popularity bias (mean log(1 + train count)), recall@Kmax by item segment
+    (``recall@Kmax_head`` ...: each user's positives restricted to the segment), and coverage
+    (a catalog-level number, means only).
+
+    Args:
+        gen: the generator.
+        data: the offline data.
+        ks: cut-offs; the largest is used for leakage, popularity and segments.
+        auc_users: users (the first of the evaluation set) scored over the whole catalog for
+            the cross-group AUC (0: no AUC).
+        on: ``"test"`` (the test period's users) or ``"valid"`` (the validation period's: the
+            only data a choice between variants may use).
+
+    Returns:
+        ``(means, per_user)``: ``means[m]`` is the mean over the users where ``m`` is defined;
+        ``per_user[m]`` is float64 ``(B,)`` (``(min(auc_users, B),)`` for the AUC), NaN where
+        the metric is undefined for a user (no positive in a segment, no retrieved item).
+        Users are in the evaluation set's order, so two generators' arrays pair up.
     """
+    if on not in ("test", "valid"):
+        raise ValueError(f"on must be 'test' or 'valid', got {on!r}")
     ev = data.test_set if on == "test" else data.valid_set
     kmax = max(ks)
     ids, _ = gen.retrieve(ev.obs, kmax, exclude_seen=False)
     ug = data.world.users.group[ev.user]
     ig = data.world.items.group
     released = clock.released(data.world.items.release_time[None, :], ev.time[:, None])
-    out: dict[str, float] = {}
+    per: dict[str, np.ndarray] = {}
     for k in ks:
-        out[f"recall@{k}"] = mean_over_users(recall_at_k(ids, ev.positives, k))
-        out[f"ndcg@{k}"] = mean_over_users(ndcg_at_k(ids, ev.positives, k))
-    out[f"leakage@{kmax}"] = mean_over_users(leakage_at_k(ids, ig, ug, kmax))
-    out[f"norm_leakage@{kmax}"] = mean_over_users(
-        normalised_leakage(ids, ig, ug, kmax, eligible=released)
-    )
-    sub = np.arange(min(auc_users, len(ev)))
-    scores = gen.score_all({k: v[sub] for k, v in ev.obs.items()})
-    finite = np.isfinite(scores)
-    out["cross_group_auc"] = mean_over_users(
-        cross_group_auc(
+        per[f"recall@{k}"] = recall_at_k(ids, ev.positives, k)
+        per[f"ndcg@{k}"] = ndcg_at_k(ids, ev.positives, k)
+    per[f"leakage@{kmax}"] = leakage_at_k(ids, ig, ug, kmax)
+    per[f"norm_leakage@{kmax}"] = normalised_leakage(ids, ig, ug, kmax, eligible=released)
+    if auc_users > 0:
+        sub = np.arange(min(auc_users, len(ev)))
+        scores = gen.score_all({k: v[sub] for k, v in ev.obs.items()})
+        finite = np.isfinite(scores)
+        per["cross_group_auc"] = cross_group_auc(
             np.where(finite, scores, np.float32(-1e30)),
             ig,
             ug[sub],
             ev.positives[sub],
             eligible=released[sub],
         )
-    )
+    per[f"pop_bias@{kmax}"] = popularity_bias(ids, data.train_counts, kmax)
+    pos = ev.positives
+    seg_of_pos = data.segments[np.where(pos >= 0, pos, 0)]  # (B, P) segment of each positive
+    for s in ItemSegment:
+        in_seg = np.where((pos >= 0) & (seg_of_pos == s), pos, -1)  # (B, P)
+        per[f"recall@{kmax}_{s.name.lower()}"] = recall_at_k(ids, in_seg, kmax)
+    out = {m: mean_over_users(v) for m, v in per.items()}
     out[f"coverage@{kmax}"] = coverage(ids, data.world.n_items, kmax)
-    out[f"pop_bias@{kmax}"] = mean_over_users(popularity_bias(ids, data.train_counts, kmax))
-    for name, r in recall_by_segment(ids, ev.positives, data.segments, kmax).items():
-        out[f"recall@{kmax}_{name}"] = r
-    return out
+    return out, per
 
 
 def two_tower_generator(

@@ -14,25 +14,24 @@ local to the user's group), and the models are compared on
 - centroid similarity: cosine between the group centroids of the item vectors
   (:func:`retrieval.metrics.group_centroid_similarity`), plotted as a matrix.
 
-Claims: impression-aware BCE folds (the issue's bar: leakage@100 at least 10x that of
-sampled softmax with uniform or mixed negatives); in-batch negatives from mixed-group batches
-remove folding; group-homogeneous batches with in-batch negatives bring it back, uniform
-negatives remove it even there.
+Findings (each paired over the test users, combined over seeds): impression-aware BCE folds
+(leakage@100 at least 10x that of sampled softmax with uniform or mixed negatives: the
+per-user difference ``leak(BCE) - 10 x leak(softmax)`` is positive); in-batch negatives from
+mixed-group batches remove folding (at most a tenth of impression BCE's leakage);
+group-homogeneous batches with in-batch negatives bring it back, uniform negatives remove it
+even there; random items in the slates (epsilon > 0, another log, so unpaired) counter it.
 
-Group-homogeneous batches: :func:`retrieval.train.fit_two_tower` draws every batch from one
-random permutation of all examples and has no batch-order hook, so they are emulated
-without touching the training loop: each round visits the groups in a seeded random order
-and runs one ``fit_two_tower`` epoch on the training-log rows of that group's users, so
-every batch (and every in-batch negative) comes from one group. Each call starts a fresh
-AdamW state (its bias correction keeps the first steps at the nominal rate) and counts
-item frequencies (logQ) within the group. Rounds stop early on validation recall@100
-(:func:`retrieval.train.evaluate_recall`) with the same patience as the other models, and
-the best round's weights are kept.
+Group-homogeneous batches: every arm trains through the same
+:func:`retrieval.train.fit_two_tower` (one AdamW state for the whole run, item frequencies
+over the whole training log, the same early stopping); the group arms pass
+``batch_groups`` so that every batch holds users of one group. The user's true group is
+hidden, so batches are formed by an observable proxy (:func:`history_group`): the catalog
+group that most of the user's training-period history belongs to. The report prints how
+often the proxy equals the true group.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -45,19 +44,17 @@ from benchmarks.common import (
     chosen_variants,
     default_two_tower,
     env_config,
-    evaluate_generator,
+    evaluate_per_user,
     offline_data,
     train_two_tower,
     two_tower_generator,
     world_label,
 )
+from benchmarks.paired import PerUser
 from benchmarks.registry import experiment, param
 from benchmarks.runner import RunContext
 from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
 from retrieval.metrics import group_centroid_similarity
-from retrieval.model import TwoTowerConfig, TwoTowerModel
-from retrieval.train import TrainConfig, evaluate_recall, fit_two_tower
-from simenv.types import Columns
 
 IMPRESSION = "impression BCE"
 UNIFORM = "softmax uniform"
@@ -124,58 +121,28 @@ class FoldingConfig(OfflineTrainingConfig):
         )
 
 
-def fit_group_batches(
-    data: OfflineData,
-    model_cfg: TwoTowerConfig,
-    loss: RetrievalLossConfig,
-    tcfg: TrainConfig,
-    order_rng: np.random.Generator,
-) -> tuple[TwoTowerModel, int]:
-    """Train with group-homogeneous batches: one ``fit_two_tower`` epoch per group per round.
+def history_group(data: OfflineData) -> np.ndarray:
+    """An observable proxy of each user's group: the catalog group most of their history has.
 
-    Args:
-        data: the offline data (the training log is split by the user's true group).
-        model_cfg: the model.
-        loss: the loss (in-batch negatives then only ever see the batch's own group).
-        tcfg: training config; ``epochs`` is the number of rounds, ``patience`` applies to
-            rounds, ``max_examples_per_epoch`` is shared out over the groups.
-        order_rng: draws the order in which each round visits the groups.
+    The user's true group is hidden; the catalog's ``group`` feature of the items a user
+    engaged with in the training period is public (think of a video's language). Users with
+    no training event get their own label (``n_groups``): they have no training example.
 
     Returns:
-        The model with the best round's weights, and that round (1-based).
+        int64 ``(n_users,)`` the most frequent catalog group among each user's training
+        events (ties: the smallest group id).
     """
-    model = TwoTowerModel.build(model_cfg, data.world.catalog)
-    groups = data.world.users.group[data.train[Columns.USER]]  # (rows,) group of each log row
-    n_groups = data.world.config.n_groups
-    logs = [data.train.select(np.flatnonzero(groups == g)) for g in range(n_groups)]
-    cap = tcfg.max_examples_per_epoch
-    per_group = None if cap is None else max(1, math.ceil(cap / n_groups))
-    release = data.world.catalog.release_time
-    best, best_round, best_state, bad = -np.inf, 0, None, 0
-    for r in range(1, tcfg.epochs + 1):
-        for g in order_rng.permutation(n_groups):
-            if len(logs[g]) == 0:
-                continue
-            call = replace(
-                tcfg,
-                epochs=1,
-                max_examples_per_epoch=per_group,
-                seed=tcfg.seed * 10_000 + r * n_groups + int(g),
-                checkpoint_dir=None,
-            )
-            fit_two_tower(model, loss, logs[g], data.seq_train, call)
-        rec = evaluate_recall(model, data.valid_set, tcfg.eval_k, release)
-        if rec > best:
-            best, best_round, bad = rec, r, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if tcfg.patience and bad >= tcfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return model, best_round
+    cat = data.world.catalog
+    item_group = cat.categorical[:, cat.categorical_names.index("group")].astype(np.int64)
+    n_groups = int(cat.categorical_cardinalities[cat.categorical_names.index("group")])
+    seq = data.seq_train
+    rows = np.repeat(seq.users, np.diff(seq.offsets))  # (E,) user of each event
+    counts = np.bincount(
+        rows * n_groups + item_group[seq.items], minlength=data.world.n_users * n_groups
+    ).reshape(data.world.n_users, n_groups)  # (U, G) events per user and catalog group
+    out = counts.argmax(axis=1)
+    out[counts.sum(axis=1) == 0] = n_groups
+    return out.astype(np.int64)
 
 
 def _off_diagonal_mean(sim: np.ndarray) -> float:
@@ -195,30 +162,35 @@ def run(cfg: FoldingConfig, ctx: RunContext) -> None:
     epsilons = [cfg.epsilon] + ([cfg.compare_epsilon] if cfg.compare_epsilon is not None else [])
     model_cfg = default_two_tower(cfg.dim)
     rows = []
+    users = PerUser()
+    proxy_agreement: dict[str, list[float]] = {}  # log label -> per seed
     centroids: dict[str, np.ndarray] = {}  # first seed, first epsilon
     for seed in ctx.seeds:
         wl = world_label(env_config(ctx.quick), seed)
         for eps in epsilons:
             data = offline_data(ctx.quick, seed, cfg.policy, eps, cfg.episodes_per_user)
+            proxy = history_group(data)
+            trained = np.unique(data.seq_train.users)
+            proxy_agreement.setdefault(data.label, []).append(
+                float((proxy[trained] == data.world.users.group[trained]).mean())
+            )
             for name in ctx.progress(variants, desc=f"seed {seed}, eps {eps:g}"):
                 tcfg = cfg.train_config(seed, ctx.threads, patience=cfg.patience)
                 with ctx.timer("train") as t:
-                    if name in GROUPED:
-                        model, best = fit_group_batches(
-                            data, model_cfg, LOSSES[name], tcfg, ctx.rng(seed, "group-order", name)
-                        )
-                    else:
-                        model, res, _ = train_two_tower(data, model_cfg, LOSSES[name], tcfg)
-                        best = res.best_epoch
+                    model, res, _ = train_two_tower(
+                        data, model_cfg, LOSSES[name], tcfg,
+                        batch_groups=proxy if name in GROUPED else None,
+                    )  # fmt: skip
                 with ctx.timer("evaluate"):
-                    m = evaluate_generator(two_tower_generator(model, data, name), data)
+                    m, per = evaluate_per_user(two_tower_generator(model, data, name), data)
                     vecs = model.all_item_vectors().numpy()  # (N, d) raw tower outputs
                     sim = group_centroid_similarity(vecs, data.world.items.group)  # (G, G)
+                users.add(_arm(name, eps), seed, per)
                 if seed == ctx.seeds[0] and eps == epsilons[0]:
                     centroids[name] = sim
                 rows.append(
                     {"world": wl, "policy": data.label, "model": name, "seed": seed,
-                     "wall_s": t.seconds, "epsilon": eps, "epochs": best,
+                     "wall_s": t.seconds, "epsilon": eps, "epochs": res.best_epoch,
                      "tau": float(model.similarity.tau.detach()),
                      "centroid_offdiag": _off_diagonal_mean(sim), **m}
                 )  # fmt: skip
@@ -251,18 +223,20 @@ def run(cfg: FoldingConfig, ctx: RunContext) -> None:
         r = by.get((label, model))
         return None if r is None else r[metric]
 
-    _claims(ctx, cell)
-    if len(epsilons) > 1 and IMPRESSION in variants:
-        label1 = next(r["policy"] for r in rows if r["epsilon"] == epsilons[-1])
-        ctx.report.claim_compare(
-            f"Random items in the slates counter folding: impression BCE leaks less with "
-            f"epsilon={epsilons[-1]:g} than with epsilon={eps0:g} (normalised leakage@100)",
-            cell(IMPRESSION, "norm_leakage@100", label1),
-            "<",
-            cell(IMPRESSION, "norm_leakage@100"),
-            measured_name=f"eps {epsilons[-1]:g}",
-            reference_name=f"eps {eps0:g}",
+    ctx.report.section(
+        "Group-homogeneous batches",
+        "The group arms batch users by the catalog group most of their training history "
+        "belongs to (the true group is hidden). Share of training users whose proxy equals "
+        "their true group: "
+        + "; ".join(
+            f"{label}: {', '.join(f'{a:.3f}' for a in agree)}"
+            for label, agree in proxy_agreement.items()
         )
+        + " (per seed). Every arm, grouped or not, trains with one AdamW state and the item "
+        "frequencies of the whole training log.",
+    )
+    ctx.report.add_result("proxy_agreement", proxy_agreement)
+    _findings(ctx, users, epsilons)
     _centroid_note(ctx, cell)
     _plots(ctx, centroids, agg, label0)
     parts = [
@@ -273,62 +247,74 @@ def run(cfg: FoldingConfig, ctx: RunContext) -> None:
     ctx.report.headline(f"leakage@100 on in-group logs (eps={eps0:g}): " + "; ".join(parts))
 
 
-def _claims(ctx: RunContext, cell) -> None:
-    """The folding claims, each recorded only when the variants it compares were run."""
+def _arm(name: str, eps: float) -> str:
+    return f"{name} @ epsilon={eps:g}"
+
+
+def _findings(ctx: RunContext, users: PerUser, epsilons: list[float]) -> None:
+    """The folding findings, each recorded only when the variants it compares were run."""
+    eps0 = epsilons[0]
 
     def have(*names: str) -> bool:
-        return all(cell(n, "leakage@100") is not None for n in names)
+        return users.has(*(_arm(n, eps0) for n in names))
 
+    def times(a: str, b: str, factor: float, metric: str = "leakage@100"):
+        """Per-user ``metric(a) - factor * metric(b)``: positive means a >= factor x b."""
+        return users.effect(_arm(a, eps0), _arm(b, eps0), metric, control_scale=factor)
+
+    leak = "leakage@100 per test user"
     for ref in (UNIFORM, MIXED):
         if have(IMPRESSION, ref):
-            ctx.report.claim_compare(
-                f"Impression-aware BCE folds: leakage@100 at least 10x that of sampled softmax "
-                f"with {ref.split()[-1]} negatives (the issue's bar)",
-                cell(IMPRESSION, "leakage@100"),
-                ">=",
-                10.0 * cell(ref, "leakage@100").mean,
-                measured_name=IMPRESSION,
-                reference_name=f"10 x {ref}",
+            ctx.report.finding(
+                f"Impression-aware BCE folds: its leakage@100 is at least 10x that of sampled "
+                f"softmax with {ref.split()[-1]} negatives (the issue's bar)",
+                times(IMPRESSION, ref, 10.0),
+                metric=f"{leak}: leakage(impression BCE) - 10 x leakage({ref})",
             )
     if have(IMPRESSION, MIXED):
-        ctx.report.claim_compare(
+        ctx.report.finding(
             "Folded groups are not told apart: impression BCE's cross-group AUC is below the "
-            "mixed-negative softmax's",
-            cell(IMPRESSION, "cross_group_auc"),
-            "<",
-            cell(MIXED, "cross_group_auc"),
-            measured_name=IMPRESSION,
-            reference_name=MIXED,
+            "mixed-negative softmax's by at least 0.01",
+            users.effect(_arm(IMPRESSION, eps0), _arm(MIXED, eps0), "cross_group_auc"),
+            metric="cross-group AUC per test user",
+            direction="<",
+            min_effect=0.01,
         )
     if have(IMPRESSION, IN_BATCH):
-        ctx.report.claim_compare(
+        ctx.report.finding(
             "In-batch negatives from mixed-group batches remove folding: leakage@100 at most a "
             "tenth of impression BCE's",
-            cell(IN_BATCH, "leakage@100"),
-            "<=",
-            0.1 * cell(IMPRESSION, "leakage@100").mean,
-            measured_name=IN_BATCH,
-            reference_name="0.1 x impression BCE",
+            times(IN_BATCH, IMPRESSION, 0.1),
+            metric=f"{leak}: leakage({IN_BATCH}) - 0.1 x leakage(impression BCE)",
+            direction="<",
         )
     if have(GROUP_IN_BATCH, IN_BATCH):
-        ctx.report.claim_compare(
+        ctx.report.finding(
             "Group-homogeneous batches bring folding back: in-batch negatives leak at least 10x "
             "more than with mixed-group batches",
-            cell(GROUP_IN_BATCH, "leakage@100"),
-            ">=",
-            10.0 * cell(IN_BATCH, "leakage@100").mean,
-            measured_name=GROUP_IN_BATCH,
-            reference_name=f"10 x {IN_BATCH}",
+            times(GROUP_IN_BATCH, IN_BATCH, 10.0),
+            metric=f"{leak}: leakage(group batches) - 10 x leakage(mixed-group batches)",
         )
     if have(GROUP_UNIFORM, GROUP_IN_BATCH):
-        ctx.report.claim_compare(
+        ctx.report.finding(
             "Uniform negatives remove folding even in group-homogeneous batches: leakage@100 "
             "at most a tenth of in-batch negatives' there",
-            cell(GROUP_UNIFORM, "leakage@100"),
-            "<=",
-            0.1 * cell(GROUP_IN_BATCH, "leakage@100").mean,
-            measured_name=GROUP_UNIFORM,
-            reference_name=f"0.1 x {GROUP_IN_BATCH}",
+            times(GROUP_UNIFORM, GROUP_IN_BATCH, 0.1),
+            metric=f"{leak}: leakage({GROUP_UNIFORM}) - 0.1 x leakage({GROUP_IN_BATCH})",
+            direction="<",
+        )
+    if len(epsilons) > 1 and users.has(*(_arm(IMPRESSION, e) for e in epsilons)):
+        eps1 = epsilons[-1]
+        ctx.report.finding(
+            f"Random items in the slates counter folding: impression BCE trained on the "
+            f"epsilon={eps1:g} log has a normalised leakage@100 at least 10% lower than on the "
+            f"epsilon={eps0:g} log (different logs and test users: unpaired)",
+            users.unpaired(
+                _arm(IMPRESSION, eps1), _arm(IMPRESSION, eps0), "norm_leakage@100", relative=True
+            ),
+            metric="normalised leakage@100 per test user",
+            direction="<",
+            min_effect=0.10,
         )
 
 

@@ -1,9 +1,11 @@
 """losses: what to train candidate generation on (the lecture's chapter 3).
 
-Claims measured: softmax (full or sampled) beats BCE and BPR for candidate generation; logQ
-correction removes the popularity penalty that in-batch negatives impose; keeping the
-positive in the denominator (L_logQ3) matters compared with the derived estimator that
-leaves it out.
+Findings: softmax (full or sampled; the best variant chosen on the validation period) beats
+BCE and BPR for candidate generation; logQ correction removes the popularity penalty that
+in-batch negatives impose; keeping the positive in the denominator (L_logQ3) matters compared
+with the derived estimator that leaves it out. Each is a paired comparison over the test
+users (the same users score both recipes), combined over seeds by a t interval over the
+per-seed effects, with a minimum effect of +2% relative.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from matplotlib.figure import Figure
 from benchmarks.common import (
     default_two_tower,
     env_config,
-    evaluate_generator,
+    evaluate_per_user,
     offline_data,
     train_two_tower,
     two_tower_generator,
     world_label,
 )
+from benchmarks.paired import PerUser, choose_on_validation
 from benchmarks.registry import ExperimentConfig, experiment, param
 from benchmarks.runner import RunContext
 from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
@@ -55,11 +58,11 @@ def _recipes(quick: bool) -> dict[str, RetrievalLossConfig]:
     logqs = ("none", "derived", "negatives_only") if quick else _LOGQ
     for src in sources:
         for lq in logqs:
-            out[f"softmax {src}, {_LOGQ_SHORT[lq]}"] = RetrievalLossConfig(
+            out[f"softmax {src} ({_LOGQ_SHORT[lq]})"] = RetrievalLossConfig(
                 kind="sampled_softmax", negatives=NegativeSamplerConfig(**_SOURCES[src], logq=lq)
             )
     if quick:
-        out["softmax uniform, no logQ"] = RetrievalLossConfig(
+        out["softmax uniform (no logQ)"] = RetrievalLossConfig(
             kind="sampled_softmax",
             negatives=NegativeSamplerConfig(**_SOURCES["uniform"], logq="none"),
         )
@@ -78,10 +81,25 @@ class LossesConfig(ExperimentConfig):
     epochs: int = param(12, "maximum training epochs (early stopping on validation recall@100)")
     batch_size: int = param(1024, "training batch size")
     lr: float = param(3e-3, "learning rate")
+    variants: tuple[str, ...] = param(
+        (), "run only these recipes (names as in the results table; empty: the profile's set)"
+    )
+
+    def __post_init__(self) -> None:
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants must be distinct, got {self.variants}")
+        known = set(_recipes(True)) | set(_recipes(False))
+        unknown = [v for v in self.variants if v not in known]
+        if unknown:
+            raise ValueError(f"variants {unknown} are not available; choose among {sorted(known)}")
 
     @classmethod
     def quick(cls) -> LossesConfig:
         return replace(cls(), epochs=5, batch_size=512)
+
+
+#: Minimum effect of interest of a "beats" finding on recall@100 or popularity: +2% relative.
+MIN_GAIN = 0.02
 
 
 @experiment(
@@ -91,7 +109,17 @@ class LossesConfig(ExperimentConfig):
 )
 def run(cfg: LossesConfig, ctx: RunContext) -> None:
     recipes = _recipes(ctx.quick)
+    if cfg.variants:
+        recipes = {n: r for n, r in recipes.items() if n in cfg.variants}
+        missing = [v for v in cfg.variants if v not in recipes]
+        if missing:
+            raise ValueError(
+                f"variants {missing} are not in the {'quick' if ctx.quick else 'full'} "
+                f"profile's set: {list(_recipes(ctx.quick))}"
+            )
     rows = []
+    users = PerUser()
+    valid: dict[str, list[float]] = {}  # recipe -> validation recall@100 per seed
     for seed in ctx.seeds:
         data = offline_data(ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user)
         wl = world_label(env_config(ctx.quick), seed)
@@ -105,10 +133,13 @@ def run(cfg: LossesConfig, ctx: RunContext) -> None:
         )
         for name, loss in ctx.progress(list(recipes.items()), desc=f"seed {seed}"):
             model, res, secs = train_two_tower(data, default_two_tower(cfg.dim), loss, tcfg)
-            m = evaluate_generator(two_tower_generator(model, data, name), data)
+            valid.setdefault(name, []).append(res.best_recall)  # the validation period only
+            m, per = evaluate_per_user(two_tower_generator(model, data, name), data)
+            users.add(name, seed, per)
             rows.append(
                 {"world": wl, "policy": data.label, "model": name, "seed": seed, "wall_s": secs,
-                 "epochs": res.best_epoch, "tau": float(model.similarity.tau.detach()), **m}
+                 "epochs": res.best_epoch, "valid_recall@100": res.best_recall,
+                 "tau": float(model.similarity.tau.detach()), **m}
             )  # fmt: skip
     metrics = [
         "recall@10",
@@ -120,60 +151,31 @@ def run(cfg: LossesConfig, ctx: RunContext) -> None:
         "recall@100_cold",
         "norm_leakage@100",
         "cross_group_auc",
+        "valid_recall@100",
         "tau",
         "epochs",
     ]
     agg = ctx.report.seed_table(
-        "Offline metrics on held-out users (test period)", rows, metrics, fmt=".3f"
+        "Offline metrics on held-out users (test period)",
+        rows,
+        metrics,
+        fmt=".3f",
+        note="valid_recall@100: recall@100 of the kept epoch on the validation period (what "
+        "early stopping and the choice of the best softmax see).",
     )
     ctx.report.add_result("rows", rows)
     by = {r["model"]: r for r in agg}
-
-    def get(name: str, metric: str = "recall@100") -> float:
-        return by[name][metric].mean
-
-    softmax_names = [n for n in by if "softmax" in n]
-    best_softmax = max(softmax_names, key=get)
-    ctx.report.claim_compare(
-        "Softmax beats BCE for candidate generation (recall@100)",
-        by[best_softmax]["recall@100"],
-        ">",
-        by["BCE (mixed neg.)"]["recall@100"],
-        measured_name=best_softmax,
-        reference_name="BCE",
+    softmax = [n for n in by if "softmax" in n]
+    best_softmax = choose_on_validation({n: valid[n] for n in softmax}) if softmax else None
+    ctx.report.add_result(
+        "selection",
+        {
+            "best_softmax": best_softmax,
+            "criterion": "mean validation recall@100 over seeds",
+            "valid_recall@100": {n: valid[n] for n in softmax},
+        },
     )
-    ctx.report.claim_compare(
-        "Softmax beats BPR for candidate generation (recall@100)",
-        by[best_softmax]["recall@100"],
-        ">",
-        by["BPR (mixed neg.)"]["recall@100"],
-        measured_name=best_softmax,
-        reference_name="BPR",
-    )
-    ctx.report.claim_compare(
-        "logQ removes the popularity penalty of in-batch negatives: popular items are retrieved more (mean log popularity@100)",
-        by["softmax in-batch, logQ3"]["pop_bias@100"],
-        ">",
-        by["softmax in-batch, no logQ"]["pop_bias@100"],
-        measured_name="in-batch + logQ3",
-        reference_name="in-batch, no logQ",
-    )
-    ctx.report.claim_compare(
-        "... and recall@100 improves with it",
-        by["softmax in-batch, logQ3"]["recall@100"],
-        ">",
-        by["softmax in-batch, no logQ"]["recall@100"],
-        measured_name="in-batch + logQ3",
-        reference_name="in-batch, no logQ",
-    )
-    ctx.report.claim_compare(
-        "Keeping the positive in the denominator matters: L_logQ3 beats the derived estimator (mixed negatives, recall@100)",
-        by["softmax mixed, logQ3"]["recall@100"],
-        ">",
-        by["softmax mixed, logQ derived"]["recall@100"],
-        measured_name="logQ3",
-        reference_name="derived",
-    )
+    _findings(ctx, users, best_softmax, len(softmax))
     # plot recall@100 vs popularity bias
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
@@ -188,8 +190,54 @@ def run(cfg: LossesConfig, ctx: RunContext) -> None:
         fig,
         "Recall@100 against the popularity of what each loss retrieves.",
     )
-    best = max(by, key=get)
-    ctx.report.headline(
-        f"best recall@100: {best} {by[best]['recall@100'].format('.3f')}; "
-        f"BCE {get('BCE (mixed neg.)'):.3f}, BPR {get('BPR (mixed neg.)'):.3f}, impression BCE {get('impression BCE'):.3f}"
+    parts = [
+        f"{n} {by[n]['recall@100'].mean:.3f}"
+        for n in ("BCE (mixed neg.)", "BPR (mixed neg.)", "impression BCE")
+        if n in by
+    ]
+    lead = (
+        f"softmax chosen on validation: {best_softmax} recall@100 "
+        f"{by[best_softmax]['recall@100'].format('.3f')}"
+        if best_softmax
+        else "no softmax variant run"
     )
+    ctx.report.headline(lead + ("; " + ", ".join(parts) if parts else ""))
+
+
+def _findings(ctx: RunContext, users: PerUser, best_softmax: str | None, n_softmax: int) -> None:
+    """The loss findings, each recorded when the recipes it compares were run."""
+    gain = f"by at least {100 * MIN_GAIN:g}% (relative)"
+    for ref, short in (("BCE (mixed neg.)", "BCE"), ("BPR (mixed neg.)", "BPR")):
+        if best_softmax and users.has(ref):
+            ctx.report.finding(
+                f"Softmax beats {short} for candidate generation: the best of {n_softmax} softmax "
+                f"variants, chosen on validation recall@100 ({best_softmax}), has a higher test "
+                f"recall@100 than {ref} {gain} (best-of-{n_softmax} against one {short} variant)",
+                users.effect(best_softmax, ref, "recall@100", relative=True),
+                metric="recall@100 per test user",
+                min_effect=MIN_GAIN,
+            )
+    lq, no = "softmax in-batch (logQ3)", "softmax in-batch (no logQ)"
+    if users.has(lq, no):
+        ctx.report.finding(
+            "logQ removes the popularity penalty of in-batch negatives: with L_logQ3 the "
+            f"top-100 holds more popular items (mean log(1 + train count)) {gain}",
+            users.effect(lq, no, "pop_bias@100", relative=True),
+            metric="popularity bias of the top-100 per test user",
+            min_effect=MIN_GAIN,
+        )
+        ctx.report.finding(
+            f"... and recall@100 of in-batch negatives improves with L_logQ3 {gain}",
+            users.effect(lq, no, "recall@100", relative=True),
+            metric="recall@100 per test user",
+            min_effect=MIN_GAIN,
+        )
+    l3, derived = "softmax mixed (logQ3)", "softmax mixed (logQ derived)"
+    if users.has(l3, derived):
+        ctx.report.finding(
+            "Keeping the positive in the denominator matters: with mixed negatives L_logQ3 "
+            f"beats the derived estimator (positive left out) on recall@100 {gain}",
+            users.effect(l3, derived, "recall@100", relative=True),
+            metric="recall@100 per test user",
+            min_effect=MIN_GAIN,
+        )

@@ -248,6 +248,8 @@ class Finding:
         """The minimum effect in the effect's units (``"2%"``, ``"0.01"``, ``"bar 100×"``)."""
         e = self.effect
         sign = "+" if self.direction == ">" else "-"
+        if self.min_effect == 0 and e.scale != "ratio":
+            return "0% (any effect)" if e.scale == "relative" else "0 (any effect)"
         if e.scale == "relative":
             return f"{sign}{format_number(100.0 * self.min_effect, spec)}%"
         if e.scale == "ratio":

@@ -12,6 +12,11 @@ with mixed negatives and logQ3): recall and NDCG on held-out users, the populari
 is retrieved, the Spearman correlation between item-vector norms and training counts over
 the warm items (:func:`retrieval.similarity.norm_popularity_correlation`, raw tower outputs
 for cosine models too) and the learned temperature's trajectory.
+
+Findings: recall comparisons are paired over the test users; the correlations have a
+bootstrap interval over the warm items within a seed; seeds are combined by a t interval
+over the per-seed effects. The best and worst fixed temperatures are chosen on the
+validation period (mean validation recall@100), never on the test users.
 """
 
 from __future__ import annotations
@@ -26,15 +31,17 @@ from benchmarks.common import (
     chosen_variants,
     default_two_tower,
     env_config,
-    evaluate_generator,
+    evaluate_per_user,
     mixed_negatives,
     offline_data,
     train_two_tower,
     two_tower_generator,
     world_label,
 )
+from benchmarks.paired import PerUser, choose_on_validation, spearman_effect
 from benchmarks.registry import experiment, param
 from benchmarks.runner import RunContext
+from benchmarks.stats import combine_seeds
 from retrieval.similarity import norm_popularity_correlation
 from simenv.clock import released
 
@@ -101,6 +108,9 @@ def run(cfg: SimilarityExperimentConfig, ctx: RunContext) -> None:
     variants = chosen_variants(cfg.variants, tuple(all_variants))
     loss = mixed_negatives()
     rows = []
+    users = PerUser()
+    valid: dict[str, list[float]] = {}  # variant -> validation recall@100 per seed
+    rho_effects: dict[str, list] = {"dot": [], "cos_vs_dot": []}
     trajectories: dict[str, list[float]] = {}  # first seed
     scatter: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # first seed: (log1p count, norm)
     for seed in ctx.seeds:
@@ -108,26 +118,44 @@ def run(cfg: SimilarityExperimentConfig, ctx: RunContext) -> None:
         wl = world_label(env_config(ctx.quick), seed)
         warm = released(data.world.items.release_time, data.t1)  # (N,) items of the training period
         counts = data.train_counts[warm]
+        norms: dict[str, np.ndarray] = {}
         for name in ctx.progress(variants, desc=f"seed {seed}"):
             model_cfg = default_two_tower(cfg.dim, **all_variants[name])
             with ctx.timer("train") as t:
                 model, res, _ = train_two_tower(
                     data, model_cfg, loss, cfg.train_config(seed, ctx.threads)
                 )
+            valid.setdefault(name, []).append(res.best_recall)  # the validation period only
             with ctx.timer("evaluate"):
-                m = evaluate_generator(two_tower_generator(model, data, name), data)
+                m, per = evaluate_per_user(two_tower_generator(model, data, name), data)
                 vecs = model.all_item_vectors().numpy()[warm]  # (N_warm, d) raw tower outputs
                 rho = norm_popularity_correlation(vecs, counts)
+            users.add(name, seed, per)
+            norms[name] = np.linalg.norm(vecs, axis=1)  # (N_warm,)
             if seed == ctx.seeds[0]:
                 if res.tau_trajectory:
                     trajectories[name] = list(res.tau_trajectory)
                 if name in (DOT, COS_LEARNED):
-                    scatter[name] = (np.log1p(counts), np.linalg.norm(vecs, axis=1))
+                    scatter[name] = (np.log1p(counts), norms[name])
             rows.append(
                 {"world": wl, "policy": data.label, "model": name, "seed": seed,
                  "wall_s": t.seconds, "epochs": res.best_epoch,
+                 "valid_recall@100": res.best_recall,
                  "tau": float(model.similarity.tau.detach()), "norm_pop_rho": rho, **m}
             )  # fmt: skip
+        with ctx.timer("bootstrap"):
+            if DOT in norms:
+                rng = ctx.rng(seed, "rho bootstrap", DOT)
+                rho_effects["dot"].append(
+                    spearman_effect(counts, norms[DOT], rng, reference=RHO_BAR, unit="warm items")
+                )
+            if DOT in norms and COS_LEARNED in norms:
+                rng = ctx.rng(seed, "rho bootstrap", COS_LEARNED)
+                rho_effects["cos_vs_dot"].append(
+                    spearman_effect(
+                        counts, norms[COS_LEARNED], rng, control_y=norms[DOT], unit="warm items"
+                    )
+                )
     metrics = [
         "recall@10",
         "recall@100",
@@ -135,6 +163,7 @@ def run(cfg: SimilarityExperimentConfig, ctx: RunContext) -> None:
         "pop_bias@100",
         "coverage@100",
         "norm_pop_rho",
+        "valid_recall@100",
         "tau",
         "epochs",
     ]
@@ -150,86 +179,106 @@ def run(cfg: SimilarityExperimentConfig, ctx: RunContext) -> None:
     ctx.report.add_result("tau_trajectories", trajectories)
     by = {r["model"]: r for r in agg}
     fixed = [n for n in (_fixed_name(t) for t in cfg.temperatures) if n in by]
-    _claims(ctx, by, fixed)
-    _plots(ctx, by, fixed, cfg, trajectories, scatter)
-    best = max(by, key=lambda n: by[n]["recall@100"].mean)
-    extra = f"; dot norm-popularity rho {by[DOT]['norm_pop_rho'].mean:.2f}" if DOT in by else ""
-    learned = f"; learned tau {by[COS_LEARNED]['tau'].mean:.3g}" if COS_LEARNED in by else ""
-    ctx.report.headline(
-        f"best recall@100: {best} {by[best]['recall@100'].format('.3f')}{learned}{extra}"
+    best_fixed = choose_on_validation({n: valid[n] for n in fixed}) if fixed else None
+    worst_fixed = (
+        choose_on_validation({n: valid[n] for n in fixed}, higher_is_better=False)
+        if fixed
+        else None
     )
+    ctx.report.add_result(
+        "selection",
+        {
+            "best_fixed": best_fixed,
+            "worst_fixed": worst_fixed,
+            "criterion": "mean validation recall@100 over seeds",
+            "valid_recall@100": {n: valid[n] for n in fixed},
+        },
+    )
+    _findings(ctx, users, rho_effects, fixed, best_fixed, worst_fixed)
+    _plots(ctx, by, best_fixed, cfg, trajectories, scatter)
+    lead = (
+        f"best fixed temperature (validation): {best_fixed} recall@100 "
+        f"{by[best_fixed]['recall@100'].format('.3f')}"
+        if best_fixed
+        else ""
+    )
+    extra = f"dot norm-popularity rho {by[DOT]['norm_pop_rho'].mean:.2f}" if DOT in by else ""
+    learned = (
+        f"learnable tau: recall@100 {by[COS_LEARNED]['recall@100'].format('.3f')}, tau "
+        f"{by[COS_LEARNED]['tau'].mean:.3g}"
+        if COS_LEARNED in by
+        else ""
+    )
+    ctx.report.headline("; ".join(p for p in (lead, learned, extra) if p))
 
 
-def _claims(ctx: RunContext, by: dict, fixed: list[str]) -> None:
-    if DOT in by:
-        ctx.report.claim_compare(
-            "With a dot product the item norms learn popularity: Spearman(norm, training count) "
-            "over warm items above 0.3",
-            by[DOT]["norm_pop_rho"],
-            ">",
-            0.3,
-            measured_name="rho (dot)",
-            reference_name="0.3",
+#: The bar of the norm-popularity finding: Spearman's rho above 0.3 ("norms learn popularity").
+RHO_BAR = 0.3
+
+
+def _findings(
+    ctx: RunContext,
+    users: PerUser,
+    rho_effects: dict[str, list],
+    fixed: list[str],
+    best: str | None,
+    worst: str | None,
+) -> None:
+    recall = "recall@100 per test user"
+    if rho_effects["dot"]:
+        ctx.report.finding(
+            f"With a dot product the item norms learn popularity: Spearman(norm, training "
+            f"count) over warm items above {RHO_BAR:g}",
+            combine_seeds(rho_effects["dot"]),
+            metric=f"Spearman rho - {RHO_BAR:g}",
         )
-    if DOT in by and COS_LEARNED in by:
-        ctx.report.claim_compare(
-            "Cosine removes the effect: the raw norms of a cosine model correlate less with "
-            "popularity than a dot model's",
-            by[COS_LEARNED]["norm_pop_rho"],
-            "<",
-            by[DOT]["norm_pop_rho"],
-            measured_name="rho (cosine, learnable tau)",
-            reference_name="rho (dot)",
+    if rho_effects["cos_vs_dot"]:
+        ctx.report.finding(
+            "Cosine removes the effect: the raw norms of a cosine model (learnable tau) "
+            "correlate with popularity at least 0.1 less than a dot model's (Spearman rho)",
+            combine_seeds(rho_effects["cos_vs_dot"]),
+            metric="Spearman rho (cosine) - rho (dot), same warm items",
+            direction="<",
+            min_effect=0.1,
         )
     one = "cosine (tau=1)"
-    if one in by and COS_LEARNED in by:
-        ctx.report.claim_compare(
-            "Cosine needs a temperature: without one (tau = 1) recall@100 is below the learnable "
-            "temperature's",
-            by[one]["recall@100"],
-            "<",
-            by[COS_LEARNED]["recall@100"],
-            measured_name=one,
-            reference_name=COS_LEARNED,
+    if users.has(one, COS_LEARNED):
+        ctx.report.finding(
+            "Cosine needs a temperature: without one (tau = 1) recall@100 is at least 10% "
+            "below the learnable temperature's",
+            users.effect(one, COS_LEARNED, "recall@100", relative=True),
+            metric=recall,
+            direction="<",
+            min_effect=0.10,
         )
-    if len(fixed) >= 2:
-        best = max(fixed, key=lambda n: by[n]["recall@100"].mean)
-        worst = min(fixed, key=lambda n: by[n]["recall@100"].mean)
-        ctx.report.claim_compare(
-            "A fixed temperature must be chosen well: over the grid, the best recall@100 is more "
-            "than 10% above the worst",
-            by[best]["recall@100"],
-            ">",
-            1.1 * by[worst]["recall@100"].mean,
-            measured_name=best,
-            reference_name=f"1.1 x {worst}",
+    if best and worst and best != worst:
+        ctx.report.finding(
+            f"A fixed temperature must be chosen well: over the grid of {len(fixed)}, the best "
+            f"({best}) has a test recall@100 more than 10% above the worst ({worst}), both "
+            "chosen on validation recall@100",
+            users.effect(best, worst, "recall@100", relative=True, control_scale=1.1),
+            metric=f"{recall}: recall(best) / (1.1 x recall(worst)) - 1",
         )
-        if COS_LEARNED in by:
-            ctx.report.claim_compare(
-                "A learnable temperature needs no grid: its recall@100 is within 3% of the best "
-                "fixed temperature's",
-                by[COS_LEARNED]["recall@100"],
-                ">=",
-                0.97 * by[best]["recall@100"].mean,
-                measured_name=COS_LEARNED,
-                reference_name=f"0.97 x {best}",
-            )
-    if DOT in by and COS_LEARNED in by:
-        ctx.report.claim_compare(
+    if best and users.has(COS_LEARNED):
+        ctx.report.finding(
+            f"A learnable temperature needs no grid: its recall@100 is within 3% of the best "
+            f"fixed temperature's (chosen on validation: {best})",
+            users.effect(COS_LEARNED, best, "recall@100", relative=True, control_scale=0.97),
+            metric=f"{recall}: recall(learnable) / (0.97 x recall({best})) - 1",
+        )
+    if users.has(DOT, COS_LEARNED):
+        ctx.report.finding(
             "Cosine with a learnable temperature is at least as good as the dot product "
-            "(recall@100)",
-            by[COS_LEARNED]["recall@100"],
-            ">=",
-            by[DOT]["recall@100"],
-            measured_name=COS_LEARNED,
-            reference_name=DOT,
+            "(recall@100 within 2% or above)",
+            users.effect(COS_LEARNED, DOT, "recall@100", relative=True, control_scale=0.98),
+            metric=f"{recall}: recall(cosine) / (0.98 x recall(dot)) - 1",
         )
 
 
 def _plots(
     ctx: RunContext,
     by: dict,
-    fixed: list[str],
+    best_fixed: str | None,
     cfg: SimilarityExperimentConfig,
     trajectories: dict[str, list[float]],
     scatter: dict[str, tuple[np.ndarray, np.ndarray]],
@@ -241,10 +290,16 @@ def _plots(
             ax.plot(np.arange(1, len(traj) + 1), traj, label=name)
         for tau in cfg.temperatures:
             ax.axhline(tau, color="grey", lw=0.6, ls=":")
-        if fixed:
-            best = max(fixed, key=lambda n: by[n]["recall@100"].mean)
-            tau_best = cfg.temperatures[[_fixed_name(t) for t in cfg.temperatures].index(best)]
-            ax.axhline(tau_best, color="black", lw=1.0, ls="--", label=f"best fixed: {best}")
+        if best_fixed:
+            names = [_fixed_name(t) for t in cfg.temperatures]
+            tau_best = cfg.temperatures[names.index(best_fixed)]
+            ax.axhline(
+                tau_best,
+                color="black",
+                lw=1.0,
+                ls="--",
+                label=f"best fixed (validation): {best_fixed}",
+            )
         ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel("temperature tau = clip(exp(s), 0.01, 100)")
@@ -257,8 +312,8 @@ def _plots(
             "tau = 1); dotted lines: the fixed grid.",
             data=trajectories,
         )
-    if fixed:
-        taus = [t for t in cfg.temperatures if _fixed_name(t) in by]
+    taus = [t for t in cfg.temperatures if _fixed_name(t) in by]
+    if taus:
         rec = [by[_fixed_name(t)]["recall@100"] for t in taus]
         fig = Figure(figsize=(5.5, 3.6))
         ax = fig.add_subplot()

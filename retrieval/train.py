@@ -265,6 +265,7 @@ def fit_two_tower(
     | None = None,
     extra_weight: float = 0.0,
     valid_score: Callable[[TwoTowerModel], float] | None = None,
+    batch_groups: np.ndarray | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_log`` with the loss ``loss_config`` names.
 
@@ -288,11 +289,25 @@ def fit_two_tower(
         valid_score: with ``valid``, the early-stopping score of the model after each epoch
             (higher is better, e.g. NDCG@10 with seen items excluded), used instead of
             recall@``eval_k`` on ``valid``; logged as ``valid_recall``.
+        batch_groups: int ``(n_users,)`` a group label per user id: every batch then holds
+            examples of users of one group only (group-homogeneous batches, so in-batch
+            negatives come from the batch's own group, e.g. to show folding). Each epoch
+            shuffles the examples within each group, cuts every group into full batches
+            (a group's last partial batch is left out of that epoch) and shuffles the
+            batches; the optimiser, the item frequencies and everything else are as
+            without it. None: batches are cut from one permutation of all examples.
 
     Returns:
         A :class:`TrainResult`.
     """
     cfg = TrainConfig() if config is None else config
+    if batch_groups is not None:
+        batch_groups = np.asarray(batch_groups)
+        if batch_groups.ndim != 1 or not np.issubdtype(batch_groups.dtype, np.integer):
+            raise ValueError(
+                f"batch_groups must be a 1-D integer array (a group per user id), got "
+                f"{batch_groups.dtype} {batch_groups.shape}"
+            )
     if valid is not None and release_time is None:
         raise ValueError("release_time is required when valid is given")
     if not 0.0 <= extra_weight <= 1.0:
@@ -322,6 +337,7 @@ def fit_two_tower(
             extra,
             extra_weight,
             valid_score,
+            batch_groups,
         )
     finally:
         for emb in made_sparse:
@@ -343,6 +359,7 @@ def _fit(
     | None = None,
     extra_weight: float = 0.0,
     valid_score: Callable[[TwoTowerModel], float] | None = None,
+    batch_groups: np.ndarray | None = None,
 ) -> TrainResult:
     rank, world = (
         (torch.distributed.get_rank(), torch.distributed.get_world_size())
@@ -368,6 +385,15 @@ def _fit(
     n_ex = len(data)
     if n_ex == 0:
         raise ValueError("no training examples in train_log (no positives?)")
+    example_group = None
+    if batch_groups is not None:
+        ex_user = np.asarray(data.obs[Obs.USER], dtype=np.int64)
+        if ex_user.size and ex_user.max() >= batch_groups.size:
+            raise ValueError(
+                f"batch_groups has {batch_groups.size} entries but the log has user id "
+                f"{int(ex_user.max())}"
+            )
+        example_group = batch_groups[ex_user]  # (n_ex,) group of each example's user
     # ---- item frequency of the positives (logQ, popularity negatives)
     if cfg.frequency == "exact":
         freq = ExactItemFrequency(n_items)
@@ -425,7 +451,11 @@ def _fit(
     steps = max(1, per_epoch // global_batch) if per_epoch >= global_batch else 1
     for epoch in range(1, cfg.epochs + 1):
         model.train()
-        order = rng.permutation(n_ex)
+        order = (
+            rng.permutation(n_ex)
+            if example_group is None
+            else _grouped_order(rng, example_group, cfg.batch_size * world)
+        )
         t0 = time.perf_counter()
         tot, seen = 0.0, 0
         bar = tqdm(
@@ -511,6 +541,28 @@ def _fit(
 
 
 @torch.no_grad()
+def _grouped_order(rng: np.random.Generator, group: np.ndarray, batch: int) -> np.ndarray:
+    """An epoch's example order whose consecutive runs of ``batch`` share one group.
+
+    Examples are shuffled, sorted by group (stable: random within a group), cut into full
+    batches per group (each group's remainder is dropped for this epoch), and the batches
+    are shuffled.
+    """
+    perm = rng.permutation(group.size)
+    perm = perm[np.argsort(group[perm], kind="stable")]  # grouped, random within a group
+    g = group[perm]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])  # first example of each group
+    sizes = np.diff(np.r_[starts, g.size])
+    full = sizes // batch  # full batches per group
+    if full.sum() == 0:
+        return perm[:0]
+    first = np.repeat(starts, full) + batch * (
+        np.arange(full.sum()) - np.repeat(np.cumsum(full) - full, full)
+    )  # (n_batches,) start of each full batch
+    first = first[rng.permutation(first.size)]
+    return perm[(first[:, None] + np.arange(batch)[None, :]).ravel()]
+
+
 def _clip_grad_norm_sparse(params: list[nn.Parameter], max_norm: float) -> None:
     """``clip_grad_norm_`` (2-norm over all gradients) that also accepts sparse gradients.
 

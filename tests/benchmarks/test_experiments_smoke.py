@@ -2,9 +2,9 @@
 user-towers, baselines) in-process, each with a tiny budget on the quick world.
 
 Each run must write report.md, results.json (strict JSON: no NaN/Infinity tokens), its
-figures and the index, record no error, and record claims whose verdicts agree with their
-evidence. Budgets: 1 logged episode per user (instead of 3), one epoch of a few batches, and
-only the variants the claims need.
+figures and the index, record no error, and record findings whose verdicts agree with their
+effects (and the sanity checks the configuration implies). Budgets: 1 logged episode per
+user (instead of 3), one epoch of a few batches, and only the variants the findings need.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from benchmarks.registry import REGISTRY, make_config
 from benchmarks.runner import run_experiment
+from tests.benchmarks.findings_check import check_findings
 
 # experiment -> --set overrides (as text, parsed like the CLI does)
 TINY = dict(episodes_per_user="1", epochs="1", batch_size="256", max_examples_per_epoch="1024")
@@ -38,6 +39,15 @@ SMOKE = {
         **TINY,
         "variants": "top popular,top popular (window),item2item,two-tower",
     },
+}
+# experiment -> (findings, sanity checks) the smoke configuration records
+EXPECTED = {
+    "folding": (1, 0),  # impression BCE vs uniform leakage (the only pair run)
+    "similarity": (5, 0),  # dot rho, cosine rho, tau=1, learnable vs best fixed, cosine vs dot
+    "dimension": (1, 0),  # d=2 vs d=32 (the first d past the true rank 21)
+    "item-towers": (4, 1),  # features / hybrid cold, best content tail, hybrid head; params
+    "user-towers": (1, 0),  # the best (only) transformer vs the mean
+    "baselines": (4, 3),  # two-tower vs top / i2i, cold-start, window; zero by construction
 }
 ROW_COLUMNS = ("world", "policy", "model", "seeds", "wall_s")
 
@@ -82,18 +92,10 @@ def test_experiment_runs_and_reports(name, tmp_path):
     assert doc["experiment"] == name and doc["profile"] == "quick" and doc["seeds"] == [0]
     assert doc["overrides"] == SMOKE[name]
     assert (tmp_path / "index.md").exists()
-    # claims: present, verdicts computed and consistent with the summary and the Markdown
-    claims = doc["claims"]
-    assert claims, "every smoke configuration keeps the variants of at least one claim"
-    for c in claims:
-        assert isinstance(c["passed"], bool)
-        assert c["verdict"] == ("PASS" if c["passed"] else "FAIL")
-        if c["evidence"].endswith("hold") or c["evidence"].endswith("holds"):  # claim_compare
-            assert c["evidence"].endswith(": holds") == c["passed"]
-        assert f"**{c['verdict']}** — {c['text']}" in report
-    n_pass = sum(c["passed"] for c in claims)
-    assert doc["claims_summary"] == {"pass": n_pass, "fail": len(claims) - n_pass}
-    assert out.n_pass == n_pass and out.n_fail == len(claims) - n_pass
+    # findings: present, verdicts recomputed from their effects, Markdown consistent
+    check_findings(doc, report, *EXPECTED[name])
+    assert out.verdicts == doc["findings_summary"]
+    assert out.n_pass == doc["sanity_summary"]["passed"]
     # the results table names world, policy, model, seeds and wall time on every row
     table = doc["tables"][0]
     assert table["rows"]
