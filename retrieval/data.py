@@ -91,10 +91,18 @@ def next_item_examples(
 class CausalWindows:
     """Windows of L consecutive events per user with the next positive at each position.
 
+    Every position gets its own request context: position i predicts the event after it,
+    and the model must see there what serving shows at that event's request.
+
     Attributes:
-        obs: observation dict (W, L); ``dt`` is measured from the window's last target time
-            (the same for every position: per-position time features are approximate in this
-            mode; a tower with ``use_context=False`` has no mismatch).
+        obs: observation dict (W, L). ``context`` is per position, float32 ``(W, L, 3)``:
+            the (time, session, position in session) of the request of the event that
+            position predicts (zeros on padding). ``dt`` is each event's age at the time of
+            the window's last target; the sequence towers read only the intervals between
+            consecutive events and from the most recent event to the request
+            (:func:`retrieval.towers.user.event_gaps`), in which this reference cancels
+            except for the last event, where it is that position's own request time: each
+            position sees exactly the intervals that serving would show at its request.
         targets: int64 (W, L) the item of the next event when it is a positive, else -1.
         user: int64 (W,).
     """
@@ -141,14 +149,16 @@ def causal_windows(
         w_end[keep],
     )
     t_ref = e.times[w_end]  # time of the last target of the window
+    tgt_c = np.where(valid, idx_c + 1, 0)  # (W, L) the event each position predicts
+    context = np.stack(
+        [e.times[tgt_c], e.sessions[tgt_c], e.steps[tgt_c]], axis=-1
+    )  # (W, L, 3) the request of that event: its own time, session and position
     obs = {
         Obs.ITEMS: np.where(valid, e.items[idx_c], 0).astype(np.int64),
         Obs.EVENTS: np.where(valid, e.events[idx_c], 0).astype(np.int64),
         Obs.DT: np.where(valid, t_ref[:, None] - e.times[idx_c], 0.0).astype(np.float32),
         Obs.MASK: valid.astype(np.int8),
-        Obs.CONTEXT: np.stack([t_ref, np.zeros_like(t_ref), np.zeros_like(t_ref)], axis=1).astype(
-            np.float32
-        ),
+        Obs.CONTEXT: np.where(valid[..., None], context, 0.0).astype(np.float32),
         Obs.USER: e.users[w_user_row, None].astype(np.int64),  # (n, 1) as the envs emit it
     }
     return CausalWindows(obs, targets.astype(np.int64), e.users[w_user_row].astype(np.int64))

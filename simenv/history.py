@@ -49,6 +49,10 @@ class EventSequences:
         items, events: int64 (E,) item id and EventType of each event.
         times: float64 (E,) request time of each event (days).
         n_items: catalog size.
+        sessions: int64 (E,) the user's session index at the event's request (zeros when
+            unknown).
+        steps: int64 (E,) the request's position (slate index) within its session (zeros
+            when unknown).
     """
 
     users: np.ndarray
@@ -57,6 +61,13 @@ class EventSequences:
     events: np.ndarray
     times: np.ndarray
     n_items: int
+    sessions: np.ndarray | None = None
+    steps: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("sessions", "steps"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, np.zeros(self.items.shape, np.int64))
 
     @classmethod
     def from_log(cls, log: ImpressionLog, n_items: int) -> EventSequences:
@@ -71,7 +82,18 @@ class EventSequences:
             raise ValueError(f"log has item ids outside [0, {n_items - 1}]")
         users, starts = np.unique(u, return_index=True)
         offsets = np.r_[starts, u.size].astype(np.int64)
-        return cls(users, offsets, items, fb[keep][order].astype(np.int64), t, int(n_items))
+        sessions = log[Columns.SESSION][keep][order].astype(np.int64)
+        steps = log["session_step"][keep][order].astype(np.int64)
+        return cls(
+            users,
+            offsets,
+            items,
+            fb[keep][order].astype(np.int64),
+            t,
+            int(n_items),
+            sessions,
+            steps,
+        )
 
     def __len__(self) -> int:
         return int(self.items.size)

@@ -70,11 +70,36 @@ def time_bucket(dt: torch.Tensor) -> torch.Tensor:
     return torch.log2(1.0 + minutes).floor().long().clamp_(0, N_TIME_BUCKETS - 1)
 
 
-def request_context_features(context: torch.Tensor) -> torch.Tensor:
-    """Features of the request context ``(B, 3)`` = (time days, session, position).
+def event_gaps(dt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Time from each event to the next one, and from the most recent event to the request.
+
+    ``dt`` holds each event's age at the request (days since it); the interval after event
+    j is ``dt_j - dt_next``, where ``dt_next`` is the age of the next real event (0 after the
+    most recent one, whose interval ends at the request). The intervals do not depend on
+    the time the ages are measured from, except the last one: so a causal model trained on
+    all positions of a window at once (``retrieval.data.causal_windows``) sees at every
+    position exactly what serving shows at that position's request.
+
+    Args:
+        dt: float ``(B, L)`` ages in days (padding ignored).
+        mask: bool ``(B, L)`` real events, oldest first.
 
     Returns:
-        ``(B, 6)``: daily and weekly phase of the time (sin, cos), log1p(session index),
+        float ``(B, L)`` intervals in days, ``>= 0``; 0 on padding.
+    """
+    ages = dt.masked_fill(~mask, -math.inf)  # (B, L)
+    # the next real event's age: max over later slots (ages fall towards the present)
+    later = ages.flip(1).cummax(dim=1).values.flip(1)  # (B, L) inclusive suffix max
+    nxt = torch.cat([later[:, 1:], later.new_full((later.shape[0], 1), -math.inf)], dim=1)
+    nxt = torch.where(torch.isinf(nxt), torch.zeros_like(nxt), nxt)
+    return torch.where(mask, (dt - nxt).clamp_min(0.0), torch.zeros_like(dt))
+
+
+def request_context_features(context: torch.Tensor) -> torch.Tensor:
+    """Features of the request context ``(..., 3)`` = (time days, session, position).
+
+    Returns:
+        ``(..., 6)``: daily and weekly phase of the time (sin, cos), log1p(session index),
         log1p(position in session).
     """
     t, session, position = context.unbind(-1)  # (B,) each
@@ -114,8 +139,9 @@ class UserTowerConfig:
         causal: causal (SASRec, decoder) or bidirectional (BERT4Rec, encoder) attention.
         pooling: ``"last"`` token, ``"cls"`` token or masked ``"mean"`` (transformer).
         use_event_type: add an event-type embedding to each event (transformer, GRU).
-        use_context: add a time-since-event embedding to each event and the request context
-            (transformer, GRU).
+        use_context: add an embedding of the interval after each event (to the next event,
+            or to the request for the most recent one) to each event, and a projection of
+            the request context to the output (transformer, GRU).
         dropout: dropout rate (transformer, GRU).
         ffn_hidden: SwiGLU hidden width (None: 8/3 * dim rounded up to a multiple of 8).
         seed: seed of the tower's own parameter initialisation.
@@ -239,8 +265,13 @@ class UserTower(nn.Module):
             for p in self.parameters(recurse=False):  # tokens and tables owned directly
                 p.normal_(0.0, self.dim**-0.5, generator=g)
 
-    def _history(self, history: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Check and convert a history dict; returns tensors on the tower's device."""
+    def _history(
+        self, history: Mapping[str, Any], per_position_context: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Check and convert a history dict; returns tensors on the tower's device.
+
+        ``per_position_context`` also accepts a context of shape ``(B, L, 3)``.
+        """
         if not isinstance(history, Mapping):
             raise ValueError(f"history must be a dict of arrays, got {type(history).__name__}")
         missing = [k for k in self._needs if k not in history]
@@ -283,9 +314,13 @@ class UserTower(nn.Module):
             out[Obs.DT] = dt
         if Obs.CONTEXT in self._needs:
             ctx = torch.as_tensor(history[Obs.CONTEXT], device=device, dtype=torch.float32)
-            if ctx.shape != (items.shape[0], 3):
+            shapes = [(items.shape[0], 3)]
+            if per_position_context:
+                shapes.append((*items.shape, 3))
+            if tuple(ctx.shape) not in shapes:
+                want = " or ".join(str(s_) for s_ in shapes)
                 raise ValueError(
-                    f"history['context'] must have shape ({items.shape[0]}, 3), got {tuple(ctx.shape)}"
+                    f"history['context'] must have shape {want}, got {tuple(ctx.shape)}"
                 )
             out[Obs.CONTEXT] = ctx
         return out
@@ -403,7 +438,12 @@ class MeanPoolUserTower(UserTower):
 
 
 class _EventInput(nn.Module):
-    """Input embedding of events: item vector (+ event type) (+ time since event + request)."""
+    """Input embedding of events: item vector (+ event type) (+ interval after the event).
+
+    It also holds the projection of the request context, which the towers add to their
+    output at the querying position (never to the input tokens: in all-positions training
+    every position has its own request, and a token must not carry another one's).
+    """
 
     def __init__(self, item_dim: int, dim: int, use_event_type: bool, use_context: bool) -> None:
         super().__init__()
@@ -424,13 +464,27 @@ class _EventInput(nn.Module):
         if self.event is not None:
             x = x + self.event(h[Obs.EVENTS])  # event type: PAD on padding
         if self.dt is not None:
-            x = x + self.dt(time_bucket(h[Obs.DT]))  # time since the event
+            gaps = event_gaps(h[Obs.DT], h[Obs.MASK])  # (B, L) interval after each event
+            x = x + self.dt(time_bucket(gaps))
         return x
 
     def request_vector(self, h: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``(B, d)`` for a context ``(B, 3)``; ``(B, L, d)`` for one per position."""
         if self.request is None:
             return None
-        return self.request(request_context_features(h[Obs.CONTEXT]))  # (B, d)
+        return self.request(request_context_features(h[Obs.CONTEXT]))
+
+
+def _with_request(
+    out: torch.Tensor, inputs: _EventInput, h: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``out`` ``(B, d)`` or ``(B, L, d)`` plus the request-context projection (if any)."""
+    request = inputs.request_vector(h)  # (B, d) or (B, L, d)
+    if request is None:
+        return out
+    if out.ndim == 3 and request.ndim == 2:
+        request = request.unsqueeze(1)  # (B, 1, d): one request for every position
+    return out + request
 
 
 class TransformerUserTower(UserTower):
@@ -438,11 +492,14 @@ class TransformerUserTower(UserTower):
 
     Each event's input is the sum of: the item vector (from ``item_encoder``, shared with the
     item tower or not), an event-type embedding, a learned position embedding (unless rotary
-    is used inside attention), an embedding of ``log2`` buckets of the time since the event,
-    and a projection of the request context (time of day/week, session index, position in
-    session), broadcast to every position (zero at init). Positions are counted from the
-    end: the most recent slot is ``max_len - 1`` whatever L is, so a history means the same
-    at any padding length.
+    is used inside attention) and an embedding of ``log2`` buckets of the interval after the
+    event (:func:`event_gaps`: to the next event, or to the request for the most recent
+    one; TiSASRec-style relative intervals). A projection of the request context (time of
+    day/week, session index, position in session; zero at init) is added to the output at
+    the querying position, so that in all-positions training (:meth:`forward_sequence` with
+    one context per position) each position sees its own request and nothing of another's,
+    as at serving. Positions are counted from the end: the most recent slot is
+    ``max_len - 1`` whatever L is, so a history means the same at any padding length.
 
     Blocks are pre-norm with RMSNorm, multi-head attention through
     :func:`torch.nn.functional.scaled_dot_product_attention` with a causal or bidirectional
@@ -537,9 +594,6 @@ class TransformerUserTower(UserTower):
         positions = torch.arange(self.max_len - seq, self.max_len - seq + s, device=x.device)
         if self.position is not None:
             x = x + self.position(positions)  # (S, d) broadcast
-        request = self.inputs.request_vector(h)
-        if request is not None:
-            x = x + request.unsqueeze(1)  # (B, 1, d): request context at every position
         x = self.input_dropout(x)
         eye = torch.eye(s, dtype=torch.bool, device=x.device)
         allowed = key_real.unsqueeze(1).expand(b, s, s)  # (B, S, S): keys that are real
@@ -554,13 +608,15 @@ class TransformerUserTower(UserTower):
     def forward_sequence(self, history: Mapping[str, Any]) -> torch.Tensor:
         """Output at every history position, ``(B, L, dim)``; zero on padded positions.
 
-        With ``causal=True`` position t depends only on events ``<= t`` (and the request
+        With ``causal=True`` position t depends only on events ``<= t`` (and its request
         context): train next-item prediction with position t predicting the item at t + 1.
+        The context may be one per row ``(B, 3)`` or one per position ``(B, L, 3)`` (the
+        request of the event each position predicts).
         """
-        h = self._history(history)
+        h = self._history(history, per_position_context=True)
         mask = h[Obs.MASK]
-        out = self._run(h)
-        return out[:, : mask.shape[1]] * mask.unsqueeze(-1)  # (B, L, d)
+        out = _with_request(self._run(h)[:, : mask.shape[1]], self.inputs, h)  # (B, L, d)
+        return out * mask.unsqueeze(-1)
 
     def forward(self, history: Mapping[str, Any]) -> torch.Tensor:
         """Encode users: ``(B, dim)``."""
@@ -577,7 +633,7 @@ class TransformerUserTower(UserTower):
             else:  # most recent real event (the last slot under left padding)
                 query = seq - 1 - mask.flip(1).long().argmax(dim=1)  # (B,)
             pooled = self._run(h, query_index=query).squeeze(1)  # (B, d)
-        return self._empty_fill(pooled, mask)
+        return self._empty_fill(_with_request(pooled, self.inputs, h), mask)
 
     def get_config(self) -> UserTowerConfig:
         """See :meth:`UserTower.get_config`."""
@@ -602,8 +658,9 @@ class TransformerUserTower(UserTower):
 class GRUUserTower(UserTower):
     """GRU4Rec-style recurrent user tower.
 
-    Inputs as in :class:`TransformerUserTower` (item + event type + time-since-event bucket
-    + request context, no position: the recurrence sees the order). Real events are packed
+    Inputs as in :class:`TransformerUserTower` (item + event type + interval bucket, no
+    position: the recurrence sees the order; the request context is added to the output at
+    the querying position). Real events are packed
     (``pack_padded_sequence``), so the number of padding slots never changes the result;
     the user vector is a linear map of the last hidden state.
     """
@@ -649,14 +706,10 @@ class GRUUserTower(UserTower):
         self._init_own(seed)
         self.inputs.zero_request()
 
-    def _run(self, history: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h = self._history(history)
+    def _run(self, h: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         items, mask = h[Obs.ITEMS], h[Obs.MASK]
         seq = items.shape[1]
         x = self.inputs(self._item_vectors(items, mask), h)  # (B, L, d)
-        request = self.inputs.request_vector(h)
-        if request is not None:
-            x = x + request.unsqueeze(1)
         # move real events to the front, in order (stable sort), so they can be packed
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # (B, L)
         x = x.gather(1, order.unsqueeze(-1).expand_as(x))  # (B, L, d), real events first
@@ -670,14 +723,20 @@ class GRUUserTower(UserTower):
         return seq_out, last[-1], mask
 
     def forward_sequence(self, history: Mapping[str, Any]) -> torch.Tensor:
-        """Output at every history position, ``(B, L, dim)``; zero on padded positions."""
-        seq_out, _, mask = self._run(history)
-        return self.out(seq_out) * mask.unsqueeze(-1)  # (B, L, d)
+        """Output at every history position, ``(B, L, dim)``; zero on padded positions.
+
+        The context may be one per row ``(B, 3)`` or one per position ``(B, L, 3)``.
+        """
+        h = self._history(history, per_position_context=True)
+        seq_out, _, mask = self._run(h)
+        out = _with_request(self.out(seq_out), self.inputs, h)  # (B, L, d)
+        return out * mask.unsqueeze(-1)
 
     def forward(self, history: Mapping[str, Any]) -> torch.Tensor:
         """Encode users: ``(B, dim)``."""
-        _, last, mask = self._run(history)
-        return self._empty_fill(self.out(last), mask)  # (B, d)
+        h = self._history(history)
+        _, last, mask = self._run(h)
+        return self._empty_fill(_with_request(self.out(last), self.inputs, h), mask)  # (B, d)
 
     def get_config(self) -> UserTowerConfig:
         """See :meth:`UserTower.get_config`."""
