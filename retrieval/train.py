@@ -41,7 +41,7 @@ from retrieval.towers.item import IDItemTower
 from simenv.atomic import atomic_write
 from simenv.clock import released
 from simenv.log import ImpressionLog
-from simenv.types import Obs
+from simenv.types import Obs, obs_users
 
 __all__ = [
     "TrainConfig",
@@ -387,7 +387,7 @@ def _fit(
         raise ValueError("no training examples in train_log (no positives?)")
     example_group = None
     if batch_groups is not None:
-        ex_user = np.asarray(data.obs[Obs.USER], dtype=np.int64)
+        ex_user = obs_users(data.obs)  # (n_ex,)
         if ex_user.size and ex_user.max() >= batch_groups.size:
             raise ValueError(
                 f"batch_groups has {batch_groups.size} entries but the log has user id "

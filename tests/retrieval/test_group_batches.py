@@ -18,7 +18,7 @@ from retrieval.train import TrainConfig, _grouped_order, fit_two_tower
 from simenv import BatchedRecEnv, EnvConfig, World, WorldConfig, collect
 from simenv.history import EventSequences
 from simenv.policies import PopularityPolicy
-from simenv.types import Obs
+from simenv.types import obs_users
 
 
 def test_grouped_order_cuts_each_group_into_full_batches():
@@ -65,7 +65,7 @@ def test_fit_two_tower_trains_on_group_homogeneous_batches(monkeypatch):
     real = train_mod._batch_loss
 
     def spy(model, loss_fn, data, rows, *args, **kwargs):
-        seen.append(groups[data.obs[Obs.USER][rows]])
+        seen.append(groups[obs_users(data.obs)[rows]])
         return real(model, loss_fn, data, rows, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "_batch_loss", spy)
