@@ -1,19 +1,34 @@
-# One-command developer loop. Every target creates .venv if missing, installs the CPU
-# build of torch first (a plain `pip install torch` would pull a several-GB CUDA build),
+# One-command developer loop. Every target creates .venv if missing, installs torch first,
 # then the project.
+#
+# Which torch build: `pip install torch` from PyPI gives the CUDA build on Linux (several GB).
+# For the CPU build, name PyTorch's CPU wheel index:
+#     make TORCH_INDEX=https://download.pytorch.org/whl/cpu test
+# A GPU user passes nothing (or the index of their CUDA version, e.g. .../whl/cu126). The
+# default (empty) takes torch from pip's own configuration, which on the developers' machine
+# points at a local folder of CPU wheels.
 PY ?= python3.11
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TORCH_INDEX_ARG := $(if $(strip $(TORCH_INDEX)),--extra-index-url $(TORCH_INDEX),)
+# the numerics tests again with 2 threads and another CPU's kernels (MKL's and OpenBLAS's AVX2
+# code paths, what an AMD EPYC runs): a float assertion that depends on the order of
+# summation fails here instead of on a user's machine
+NUMERICS_ENV := SIMENV_TEST_THREADS=2 OMP_NUM_THREADS=2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+	ATEN_CPU_CAPABILITY=avx2 OPENBLAS_CORETYPE=Zen
+NUMERICS_TESTS := tests/simenv tests/retrieval tests/ranking tests/agents
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test test-numerics lint format clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet $(TORCH_INDEX_ARG) "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev,rl]"
 	touch $(STAMP)
 
@@ -22,8 +37,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m benchmarks all --quick --threads 1
 
+# -q comes from pyproject's addopts; a second -q here would hide pytest's summary line
 test: $(STAMP)
-	$(BIN)/python -m pytest -x -q tests
+	$(BIN)/python -m pytest -x tests
+
+test-numerics: $(STAMP)
+	$(NUMERICS_ENV) $(BIN)/python -m pytest -x $(NUMERICS_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check simenv retrieval ranking agents benchmarks tests

@@ -50,6 +50,7 @@ def test_pair_noise_is_a_fixed_standard_normal_function():
     assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
     assert stats.kstest(z, "norm").pvalue > 1e-3
     # elementwise: the value of a pair does not depend on the batch it is computed in
+    # (bitwise: an integer hash, then scipy's scalar ndtri applied to each element alone)
     perm = rng.permutation(200_000)
     np.testing.assert_array_equal(pair_noise(users[perm], items[perm], 3), z[perm])
     np.testing.assert_array_equal(pair_noise(users[:7, None], items[None, :5], 3).shape, (7, 5))
@@ -78,7 +79,8 @@ def test_noisy_ranker_fixed_error_and_consistent_paths(world, obs, ranker):
     items = np.broadcast_to(np.arange(w.n_items)[None, :], full.shape)
     expected = ranker.score_all(obs) + 1.5 * pair_noise(users, items, 7)
     np.testing.assert_allclose(full[fin], expected[fin], rtol=1e-6)
-    # score == score_all gathered (bitwise), -inf on padding and unreleased items
+    # score == score_all gathered (bitwise: MatrixRanker gathers from one matrix and the
+    # noise is elementwise; correctly rounded adds), -inf on padding and unreleased items
     cand = np.random.default_rng(1).integers(-1, w.n_items, size=(len(full), 30))
     s = noisy.score(obs, cand)
     gathered = np.take_along_axis(full, np.maximum(cand, 0), axis=1)

@@ -26,12 +26,13 @@ from simenv.collect import collect
 from simenv.history import EventSequences, impression_examples, take_obs
 from simenv.types import Obs, obs_users
 from tests.agents.helpers import MatrixRanker, env_obs, released, small_world, truth_scores
+from tests.numerics import TEST_THREADS
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(before)
 

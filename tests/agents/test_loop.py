@@ -16,6 +16,7 @@ from simenv import BatchedRecEnv
 from simenv.log import ImpressionLog
 from simenv.types import Columns
 from tests.agents.helpers import small_world
+from tests.numerics import TEST_THREADS
 
 ROW_KEYS = {
     "round", "reward", "reward_mean", "reward_ci", "clicks", "train_s", "act_s",
@@ -30,7 +31,7 @@ TINY = dict(
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(before)
 

@@ -40,6 +40,7 @@ from tests.agents.helpers import (
     released,
     small_world,
 )
+from tests.numerics import assert_reordered_close, network_reductions, reorder_tolerance
 
 
 @pytest.fixture(scope="module")
@@ -348,6 +349,7 @@ def test_real_ranker_single_stage_and_pipeline(world, obs, trained_ranker):
     single = SingleStageAgent(trained_ranker, k).act(obs)
     assert ok[np.arange(len(single))[:, None], single].all()
     best = -np.sort(-full, axis=1)[:, :k]
+    # bitwise: the agent runs score_all on the same batch (a rerun of the same kernels)
     np.testing.assert_array_equal(np.take_along_axis(full, single, axis=1), best)
     # the pipeline over a random generator's candidates
     gen = MatrixGenerator(
@@ -356,15 +358,21 @@ def test_real_ranker_single_stage_and_pipeline(world, obs, trained_ranker):
     pipe = MultiStagePipeline([Source(gen, 60)], trained_ranker, k)
     served = pipe.act(obs)
     g_k = pipe.last_candidates
+    # bitwise: the pipeline scored these candidates on this batch (a rerun)
     np.testing.assert_array_equal(pipe.last_scores, trained_ranker.score(obs, g_k))
     cand_best = -np.sort(-pipe.last_scores, axis=1)[:, :k]
-    np.testing.assert_array_equal(trained_ranker.score(obs, served), cand_best)
-    # the identity on the rows whose top scores have no ties (nearly all of them)
+    # k served items vs 60 candidates: other shapes, other BLAS blocking (float32 bound)
+    terms, depth = network_reductions(trained_ranker, obs[Obs.ITEMS].shape[1])
+    assert_reordered_close(trained_ranker.score(obs, served), cand_best, terms=terms, depth=depth)
+    # the identity on the rows whose k-th best score is clear of the (k+1)-th by more than
+    # the two scoring paths can differ (most rows), and has no exact tie among candidates
     r_k, _ = trained_ranker.top_k(obs, k)
-    kth = best[:, -1:]
-    tie_free = ((full == kth).sum(axis=1) == 1) & (
-        (pipe.last_scores == cand_best[:, -1:]).sum(axis=1) == 1
-    )
-    assert tie_free.mean() > 0.9
+    ordered = -np.sort(-full, axis=1)
+    row_scale = np.max(np.abs(np.where(np.isfinite(full), full, 0)), axis=1)
+    tol = np.array([reorder_tolerance(terms, depth, s) for s in row_scale])  # (B,)
+    with np.errstate(invalid="ignore"):
+        gap = ordered[:, k - 1] - ordered[:, k]  # inf when fewer than k + 1 are released
+    tie_free = (gap > 2 * tol) & ((pipe.last_scores == cand_best[:, -1:]).sum(axis=1) == 1)
+    assert tie_free.mean() > 0.75  # 85% here: the worst-case bound is wider than exact ties
     np.testing.assert_array_equal(_overlap(served, r_k)[tie_free], _overlap(g_k, r_k)[tie_free])
     assert _overlap(g_k, r_k)[tie_free].max() >= 1

@@ -19,6 +19,7 @@ from retrieval.baselines import (
     UserHistory,
 )
 from simenv.types import EventType, ItemCatalog
+from tests.numerics import U32, assert_top_k_of
 
 C, LK, DL = int(EventType.CLICK), int(EventType.LIKE), int(EventType.DISLIKE)
 INF = math.inf
@@ -739,9 +740,12 @@ def test_contract_row_blocks_do_not_change_results(fitted, name, monkeypatch):
     full = models[name].score_all(obs)
     monkeypatch.setattr(bl, "_BLOCK_ELEMENTS", cat.n_items * 4)  # 4 rows per block
     ids2, scores2 = models[name].retrieve(obs, k=9)
-    np.testing.assert_array_equal(ids, ids2)
-    np.testing.assert_array_equal(scores, scores2)
-    np.testing.assert_array_equal(full, models[name].score_all(obs))
+    # scores are float64 rounded once to float32; other row blocks run other matmul shapes
+    # (ALS), whose float64 reordering error can move a float32 score by one ulp
+    tol = 2 * U32 * float(np.abs(full[np.isfinite(full)]).max())
+    np.testing.assert_allclose(scores2, scores, rtol=0, atol=tol)
+    assert_top_k_of(ids2, models[name].score_all(obs, exclude_seen=True), tol=tol)
+    np.testing.assert_allclose(models[name].score_all(obs), full, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("name", list(ALL_FACTORIES))

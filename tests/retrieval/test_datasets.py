@@ -29,8 +29,11 @@ from retrieval.model import TwoTowerConfig, TwoTowerModel
 from retrieval.towers import ItemTowerConfig, UserTowerConfig
 from retrieval.train import TrainConfig, fit_two_tower
 from simenv.types import Columns, EventType, Obs
+from tests.numerics import TEST_THREADS
 
-torch.set_num_threads(1)
+torch.set_num_threads(
+    TEST_THREADS
+)  # the suite's count (tests/conftest.py); set early for the fixtures
 DAY = 86_400.0
 
 # ---------------------------------------------------------------- a tiny MovieLens, two formats

@@ -34,6 +34,7 @@ from retrieval.index import (
     recall_vs_exact,
     torch_topk,
 )
+from tests.numerics import TEST_THREADS
 
 SCORE_ATOL = 1e-4
 KINDS = ("exact", "hnsw", "ivf")
@@ -42,7 +43,7 @@ KINDS = ("exact", "hnsw", "ivf")
 @pytest.fixture(autouse=True)
 def _one_thread():
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(old)
 

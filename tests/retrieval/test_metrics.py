@@ -285,6 +285,8 @@ def test_cross_group_auc_row_blocks(monkeypatch):
     args = (scores, rng.integers(0, 2, 30), rng.integers(0, 2, 9), rng.integers(-1, 30, (9, 3)))
     whole = cross_group_auc(*args)
     monkeypatch.setattr(m, "_AUC_BLOCK", 60)  # two rows per block
+    # bitwise: each row's AUC comes from its own ranks (sums of halves, exact in float64);
+    # blocks only group rows, no sum runs across rows
     np.testing.assert_array_equal(cross_group_auc(*args), whole)
 
 

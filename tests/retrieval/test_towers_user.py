@@ -105,9 +105,10 @@ def test_shapes_dtypes_padding_invariance_and_empty_users(config):
     out = tower(h)
     assert out.shape == (6, DIM) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
-    # row 0 has an empty history: it gets exactly the learned empty vector
+    # row 0 has an empty history: it gets exactly the learned empty vector (bitwise: a
+    # torch.where selects it, no arithmetic)
     torch.testing.assert_close(out[0], tower.empty.detach(), rtol=0, atol=0)
-    # numpy input works the same
+    # numpy input works the same (bitwise: the same tensors on the same shapes, a rerun)
     np_out = tower({k: v.numpy() for k, v in h.items()})
     torch.testing.assert_close(np_out, out, rtol=0, atol=0)
     # padding invariance: garbage in padded slots changes nothing
@@ -137,7 +138,7 @@ def test_all_empty_batch_is_finite_with_finite_gradients(config):
     h = make_history(batch=3, lengths=[0, 0, 0])
     out = tower(h)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, tower.empty.expand(3, -1), rtol=0, atol=0)
+    torch.testing.assert_close(out, tower.empty.expand(3, -1), rtol=0, atol=0)  # a select
     if hasattr(tower, "forward_sequence"):
         assert torch.isfinite(tower.forward_sequence(h)).all()
     # mixed batch, backward: no NaN gradient anywhere
@@ -171,7 +172,8 @@ def test_pooling_variants():
     mean = transformer(pooling="mean", causal=False, seed=7)
     cls = transformer(pooling="cls", causal=False, seed=7)
     seq = last.forward_sequence(h)
-    # last and mean towers have identical weights: same sequence outputs
+    # last and mean towers have identical weights: same sequence outputs (bitwise: the same
+    # computation on the same shapes; pooling only comes after forward_sequence)
     torch.testing.assert_close(mean.forward_sequence(h), seq, rtol=0, atol=0)
     out_last, out_mean, out_cls = last(h), mean(h), cls(h)
     torch.testing.assert_close(
@@ -281,6 +283,7 @@ def test_context_inputs():
     moved["dt"] = h["dt"] * 100 + 1  # every real event much older
     assert (tower(moved)[1:] - out[1:]).abs().amax() > 1e-3
     # the request-context projection starts at zero, so context has no effect at init ...
+    # (bitwise: zero weights give exact zeros, and x + 0 == x)
     other = dict(h)
     other["context"] = h["context"] + torch.tensor([0.3, 4.0, 7.0])
     torch.testing.assert_close(tower(other), out, rtol=0, atol=0)
@@ -338,7 +341,7 @@ def test_seeded_construction_and_config_round_trip(config):
     assert sa.keys() == sb.keys()
     for name in sa:
         assert torch.equal(sa[name], sb[name]), name
-    torch.testing.assert_close(a(h), b(h), rtol=0, atol=0)
+    torch.testing.assert_close(a(h), b(h), rtol=0, atol=0)  # same seed, same batch: a rerun
     d = config.to_dict()
     d["seed"] = config.seed + 1
     c = build_user_tower(UserTowerConfig.from_dict(d), item_tower()).eval()
@@ -348,7 +351,7 @@ def test_seeded_construction_and_config_round_trip(config):
     assert UserTowerConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     rebuilt = UserTower.from_config(cfg, item_tower())
     assert type(rebuilt) is type(a) and rebuilt.get_config() == cfg
-    torch.testing.assert_close(rebuilt.eval()(h), a(h), rtol=0, atol=0)
+    torch.testing.assert_close(rebuilt.eval()(h), a(h), rtol=0, atol=0)  # a rerun
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,6 @@ def test_unique_rows_matches_python_reference():
     rng = np.random.default_rng(0)
     a = rng.integers(-1, 6, size=(200, 9))
     got = unique_rows(a)
-    for row, out in zip(a, got):
+    for row, out in zip(a, got, strict=True):
         ref = list(dict.fromkeys(int(x) for x in row if x >= 0))
         assert out.tolist() == ref + [-1] * (len(row) - len(ref))

@@ -21,6 +21,8 @@ def _single(x):
 
 @pytest.mark.parametrize("max_steps", [None, 12])
 def test_b1_follows_recenv_across_episodes(max_steps):
+    # bitwise: RecEnv runs the same Simulator with B = 1, so both run the same computation on
+    # the same shapes
     kwargs = {} if max_steps is None else {"max_episode_steps": max_steps}
     venv = gym.make_vec(SMALL, num_envs=1, vectorization_mode="vector_entry_point", **kwargs)
     cfg = EnvConfig.small() if max_steps is None else EnvConfig.small(max_steps=max_steps)

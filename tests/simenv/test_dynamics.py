@@ -520,6 +520,9 @@ def test_best_slates_match_brute_force():
         sim.step(sim.best_slates()[0])
     sim.time[:20] += 5.0  # some users later, with more released items
     items, util = sim.best_slates(12)
+    # bitwise: with 500 items best_slates scores the catalog in one block, the same
+    # true_utility call on the same shapes as here (a rerun)
+    assert world.n_items <= 4096
     full = sim.true_utility(np.arange(world.n_items))
     full[world.items.release_time[None, :] > sim.time[:, None]] = -np.inf
     order = np.argsort(-full, axis=1, kind="stable")[:, :12]
