@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import time
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "ranking.Ranker"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: a SHA-256 of config, weights and extra (1: read without it)
 
 
 def _check(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
@@ -517,7 +518,25 @@ def save_ranker(
         "state_dict": ranker.state_dict(),
         "extra": extra or {},
     }
+    payload["sha256"] = _payload_digest(payload)
     return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def _payload_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's config, catalog fingerprint, weights and extra.
+
+    ``torch.load`` does not check the zip's CRCs: a damaged byte in a tensor loads silently as
+    another weight. This digest, stored in the file and recomputed on load, catches it.
+    """
+    h = hashlib.sha256()
+    for key in ("config", "catalog", "extra"):
+        h.update(json.dumps(payload[key], sort_keys=True, default=repr).encode())
+    state = payload["state_dict"]
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_ranker(
@@ -525,8 +544,14 @@ def load_ranker(
 ) -> tuple[Ranker, dict[str, Any]]:
     """Read a checkpoint of :func:`save_ranker` for ``catalog``; returns ``(ranker, extra)``.
 
+    Loads with ``weights_only=True`` (no code runs from the file) and checks everything
+    before use: the format and version, the SHA-256 of config, weights and extra saved with
+    them (``torch.load`` itself does not notice a damaged byte inside a tensor), the catalog
+    fingerprint, and every weight's name, dtype, shape and finiteness against the config.
+
     Raises:
-        ValueError: not a ranker checkpoint, another format version, or another catalog.
+        ValueError: not a ranker checkpoint, another format version, damaged or truncated,
+            or saved for another catalog.
     """
     path = Path(path)
     try:
@@ -539,19 +564,53 @@ def load_ranker(
         ) from e
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a ranker checkpoint")
-    if payload.get("version") != CHECKPOINT_VERSION:
+    if payload.get("version") not in (1, CHECKPOINT_VERSION):
         raise ValueError(
             f"{path} has ranker checkpoint version {payload.get('version')}, this code reads "
-            f"version {CHECKPOINT_VERSION}"
+            f"versions 1 and {CHECKPOINT_VERSION}"
+        )
+    try:
+        ranker = _ranker_from_payload(path, payload, catalog)
+    except ValueError:
+        raise
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # a field of another type
+        raise ValueError(f"{path} is a damaged ranker checkpoint: {type(e).__name__}: {e}") from e
+    return ranker, payload["extra"]
+
+
+def _ranker_from_payload(path: Path, payload: dict[str, Any], catalog: ItemCatalog) -> Ranker:
+    """Check a loaded checkpoint's fields (see :func:`load_ranker`) and build its ranker."""
+    for key, kind in (("config", dict), ("catalog", dict), ("state_dict", dict), ("extra", dict)):
+        if not isinstance(payload.get(key), kind):
+            raise ValueError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+    if payload["version"] >= 2 and payload.get("sha256") != _payload_digest(payload):
+        raise ValueError(
+            f"{path} is damaged: its weights, config or extra do not match the SHA-256 saved "
+            "with them"
         )
     fp = catalog_fingerprint(catalog)
     if payload["catalog"] != fp:
+        saved = payload["catalog"]
         raise ValueError(
-            f"{path} was saved for another catalog ({payload['catalog']['n_items']} items, "
-            f"sha256 {payload['catalog']['sha256'][:12]}...), not this one ({fp['n_items']} "
+            f"{path} was saved for another catalog ({saved.get('n_items')} items, "
+            f"sha256 {str(saved.get('sha256'))[:12]}...), not this one ({fp['n_items']} "
             f"items, sha256 {fp['sha256'][:12]}...)"
         )
     ranker = Ranker(catalog, RankerConfig.from_dict(payload["config"]))
-    ranker.load_state_dict(payload["state_dict"])
+    want, got = ranker.state_dict(), payload["state_dict"]
+    if set(want) != set(got):
+        missing, unknown = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise ValueError(f"{path}: weights missing {missing}, unknown {unknown}")
+    for name, ref in want.items():
+        t = got[name]
+        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+            what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t)
+            raise ValueError(
+                f"{path}: weight {name!r} is {what}, this config needs {ref.dtype} "
+                f"{tuple(ref.shape)}"
+            )
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{path}: weight {name!r} holds NaN or infinite values")
+    ranker.load_state_dict(got)
     ranker.eval()
-    return ranker, payload.get("extra", {})
+    return ranker

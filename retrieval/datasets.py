@@ -40,7 +40,8 @@ How the ratings become a log (one request per rating, position 0):
   (about half the ratings share their second with another of the user's); such ties keep
   the order of the file (a stable sort) and are spaced 1 ms apart, so that every
   time-based history lookup of :class:`EventSequences` sees one strict order.
-- ``reward`` holds the rating (1-5), ``watch`` 0, ``propensity`` NaN (no logging policy);
+- ``reward`` holds the rating (1-5; 1 for every event of a file without ratings, whose events
+  are all ``CLICK``), ``watch`` 0, ``propensity`` NaN (no logging policy);
   ``session`` and ``session_step`` are 0.
 - users and items get compact ids ``0..U-1`` and ``0..N-1`` in the order of their original
   ids (kept in :attr:`InteractionDataset.user_tokens` / ``item_tokens``).
@@ -268,9 +269,18 @@ def _parse_grouplens_data(data: bytes, source: str) -> _RawInteractions:
     return _RawInteractions(
         users=_canonical_tokens(cells[:, 0]),
         items=_canonical_tokens(cells[:, 1]),
-        ratings=_numbers(cells[:, 2], float, "rating", source, 1),
+        ratings=_finite(_numbers(cells[:, 2], float, "rating", source, 1), "rating", source, 1),
         timestamps=_numbers(cells[:, 3], int, "timestamp", source, 1),
     )
+
+
+def _finite(values: np.ndarray, what: str, source: str, first: int) -> np.ndarray:
+    """``values`` if all finite, else a DatasetError naming the first bad line."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DatasetError(f"{source}: line {first + i}: {what} must be finite, got {values[i]}")
+    return values
 
 
 _YEAR_IN_TITLE = re.compile(r"\s*\((\d{4})\)\s*$")
@@ -322,9 +332,9 @@ def _parse_atomic_inter(data: bytes, source: str) -> _RawInteractions:
     if not np.all(np.isfinite(ts)) or np.any(ts != np.round(ts)):
         raise DatasetError(f"{source}: timestamps must be whole seconds")
     ratings = (
-        _numbers(tab.text("rating"), float, "rating", source, 2)
+        _finite(_numbers(tab.text("rating"), float, "rating", source, 2), "rating", source, 2)
         if tab.has("rating")
-        else np.full(len(tab), np.nan)
+        else np.full(len(tab), np.nan)  # no ratings in the file (see _build_dataset)
     )
     return _RawInteractions(
         _canonical_tokens(tab.text("user_id")),
@@ -365,9 +375,15 @@ def _canonical_tokens(tokens: np.ndarray) -> np.ndarray:
 
 
 def _id_order(tokens: np.ndarray) -> np.ndarray:
-    """Indices that sort distinct tokens: numerically when all are integers, else as text."""
+    """Indices that sort distinct tokens: numerically when all are integers, else as text.
+
+    Numeric order without converting (ids of any length): by the number of digits after
+    leading zeros, then by those digits as text, then by the token itself (``"07"`` after
+    ``"7"``).
+    """
     if tokens.size and np.all(np.char.isdigit(tokens)):
-        return np.argsort(tokens.astype(np.int64), kind="stable")
+        digits = np.char.lstrip(tokens, "0")
+        return np.lexsort((tokens, digits, np.char.str_len(digits)))
     return np.argsort(tokens, kind="stable")
 
 
@@ -447,6 +463,11 @@ def _build_dataset(
     user_tokens = user_tokens_all[order_u]
     if not np.all(np.isfinite(inter.ratings) | np.isnan(inter.ratings)):
         raise DatasetError(f"{source}: ratings must be finite")
+    if inter.timestamps.size and inter.timestamps.min() < 0:
+        i = int(np.argmax(inter.timestamps < 0))
+        raise DatasetError(
+            f"{source}: timestamps must be >= 0 (seconds since 1970), got {inter.timestamps[i]}"
+        )
     # time order per user; ties (same second) keep the file order
     e = inter.timestamps.size
     order = np.lexsort((np.arange(e), inter.timestamps, user_idx))
@@ -474,7 +495,7 @@ def _build_dataset(
         Columns.ITEM: i.astype(np.int64),
         Columns.FEEDBACK: feedback.astype(np.int8),
         Columns.WATCH: np.zeros(e, np.float32),
-        Columns.REWARD: rating.astype(np.float32),
+        Columns.REWARD: np.where(np.isnan(rating), 1.0, rating).astype(np.float32),
         Columns.PROPENSITY: np.full(e, np.nan, np.float32),
     }
     meta = {
@@ -492,9 +513,13 @@ def _build_dataset(
             tuple(items.genres[j] for j in order_i),
         )
     )
+    try:
+        log = ImpressionLog(cols, meta=meta)
+    except ValueError as e:  # a value the checks above missed: still the file's fault
+        raise DatasetError(f"{source}: {e}") from e
     return InteractionDataset(
         name=name,
-        log=ImpressionLog(cols, meta=meta),
+        log=log,
         catalog=catalog,
         user_tokens=user_tokens,
         item_tokens=item_tokens,

@@ -39,6 +39,7 @@ MovieLens loader of :mod:`retrieval.datasets`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -69,7 +70,7 @@ __all__ = [
 
 ATOMIC_TYPES = ("token", "token_seq", "float", "float_seq")
 SIDECAR_FORMAT = "simenv.export"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2: SHA-256 of every file (version 1 files are read without it)
 
 # log column -> (atomic field name, atomic type) in the order of the .inter file
 _INTER_FIELDS: dict[str, tuple[str, str]] = {
@@ -439,12 +440,16 @@ def export_recbole(
     sidecar = {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
+        "sha256": {kind: _sha256(p) for kind, p in out.items()},
         "n_rows": len(rows),
         "positives_only": bool(positives_only),
         "meta": rows.meta,
         "catalog": cat_info,
         "user_columns": extra_dtypes,
     }
+    sidecar["sha256"]["sidecar"] = _sidecar_digest(
+        json.loads(json.dumps(sidecar, default=_json_default))
+    )
     text = json.dumps(sidecar, indent=1, default=_json_default) + "\n"
     out["meta"] = _atomic_write_text(folder / f"{name}.simenv.json", text)
     return out
@@ -453,9 +458,15 @@ def export_recbole(
 def read_recbole(folder: str | os.PathLike[str], name: str = "simenv") -> RecBoleExport:
     """Read back files written by :func:`export_recbole` (the exact log, catalog and users).
 
+    Every value is checked (the log's columns as :class:`ImpressionLog` checks them, title
+    tokens below the vocabulary size, categorical values below their cardinalities, finite
+    release times), and every file against the SHA-256 the export recorded in the sidecar,
+    so a damaged or edited file is an error, never a silently different log.
+
     Raises:
         ExportFormatError: when a file is missing, truncated (fewer rows than the sidecar
-            promises) or not in the expected format.
+            promises), not in the expected format, holds an invalid value, or differs from
+            what the export wrote.
     """
     folder = Path(folder)
     meta_path = folder / f"{name}.simenv.json"
@@ -463,14 +474,34 @@ def read_recbole(folder: str | os.PathLike[str], name: str = "simenv") -> RecBol
         raise ExportFormatError(f"no {meta_path.name} in {folder}: not written by export_recbole")
     try:
         side = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ExportFormatError(f"{meta_path} is not valid JSON: {e}") from e
     if not isinstance(side, dict) or side.get("format") != SIDECAR_FORMAT:
         raise ExportFormatError(f"{meta_path} is not a simenv export sidecar")
-    if side.get("version") != SIDECAR_VERSION:
+    if side.get("version") not in (1, SIDECAR_VERSION):
         raise ExportFormatError(
-            f"{meta_path} has version {side.get('version')}, this simenv reads {SIDECAR_VERSION}"
+            f"{meta_path} has version {side.get('version')}, this simenv reads 1 and "
+            f"{SIDECAR_VERSION}"
         )
+    digests = side.get("sha256") if side.get("version") >= 2 else {}
+    if not isinstance(digests, dict):
+        raise ExportFormatError(f"{meta_path}: 'sha256' must map file kinds to digests")
+    if digests and digests.get("sidecar") != _sidecar_digest(side):
+        raise ExportFormatError(
+            f"{meta_path} was changed after the export (its SHA-256 does not match)"
+        )
+    try:
+        return _read_recbole(folder, name, side, digests)
+    except ExportFormatError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # a sidecar field of the wrong type
+        raise ExportFormatError(f"{meta_path}: malformed sidecar ({type(e).__name__}: {e})") from e
+
+
+def _read_recbole(
+    folder: Path, name: str, side: dict[str, Any], digests: dict[str, Any]
+) -> RecBoleExport:
+    """The body of :func:`read_recbole` once the sidecar is known to be a sidecar."""
     inter = read_atomic(folder / f"{name}.inter")
     if len(inter) != side.get("n_rows"):
         raise ExportFormatError(
@@ -479,46 +510,109 @@ def read_recbole(folder: str | os.PathLike[str], name: str = "simenv") -> RecBol
         )
     dtypes = _log_dtypes()
     cols = {col: inter.numbers(field, dtypes[col]) for col, (field, _t) in _INTER_FIELDS.items()}
-    log = ImpressionLog(cols, meta=side.get("meta") or {})
+    meta = side.get("meta") or {}
+    try:
+        log = ImpressionLog(cols, meta=meta)
+    except ValueError as e:
+        raise ExportFormatError(f"{inter.source}: {e}") from e
     user_tab = read_atomic(folder / f"{name}.user")
     users = user_tab.numbers("user_id", np.int64)
-    user_columns = {
-        k: user_tab.numbers(k, np.dtype(dt)) for k, dt in (side.get("user_columns") or {}).items()
-    }
+    user_columns = {}
+    for k, dt in (side.get("user_columns") or {}).items():
+        dtype = np.dtype(dt)
+        if dtype.kind not in "biuf":
+            raise ExportFormatError(f"{user_tab.source}: user column {k!r} has dtype {dtype}")
+        user_columns[k] = user_tab.numbers(k, dtype)
     catalog = None
     info = side.get("catalog")
     if info is not None:
         item = read_atomic(folder / f"{name}.item")
-        ids = item.numbers("item_id", np.int64)
-        if not np.array_equal(ids, np.arange(ids.size)):
-            raise ExportFormatError(f"{item.source}: item_id must be 0..N-1 in order")
-        seqs = item.sequences("title")
-        width = int(info["title_width"])
-        if any(len(s) > width for s in seqs):
-            raise ExportFormatError(f"{item.source}: a title has more than {width} tokens")
-        flat = np.array([t for s in seqs for t in s], dtype=str)
-        flat_ids = _parse_numbers(flat, np.dtype(np.int64), "field 'title'", item.source)
-        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-        title = np.zeros((ids.size, width), dtype=np.dtype(info["title_dtype"]))
-        rows = np.repeat(np.arange(ids.size), lengths)
-        cols_ = np.arange(flat_ids.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        title[rows, cols_] = flat_ids
-        names = tuple(info["categorical_names"])
-        cat_dtype = np.dtype(info["categorical_dtype"])
-        categorical = (
-            np.stack([item.numbers(n, cat_dtype) for n in names], axis=1)
-            if names
-            else np.zeros((ids.size, 0), dtype=cat_dtype)
-        )
-        catalog = ItemCatalog(
-            title_tokens=title,
-            vocab_size=int(info["vocab_size"]),
-            categorical=categorical,
-            categorical_names=names,
-            categorical_cardinalities=tuple(int(x) for x in info["categorical_cardinalities"]),
-            release_time=item.numbers("release_time", np.dtype(info["release_dtype"])),
-        )
+        catalog = _read_catalog(item, info)
+    for kind, path in (
+        ("inter", inter.source),
+        ("user", user_tab.source),
+        ("item", None if catalog is None else folder / f"{name}.item"),
+    ):
+        want = digests.get(kind)
+        if path is not None and want is not None and _sha256(Path(path)) != want:
+            raise ExportFormatError(
+                f"{path} differs from the file export_recbole wrote (SHA-256 mismatch): "
+                "damaged or edited"
+            )
     return RecBoleExport(log, catalog, users, user_columns)
+
+
+def _read_catalog(item: AtomicTable, info: dict[str, Any]) -> ItemCatalog:
+    """The ItemCatalog of a ``NAME.item`` file, every value checked."""
+    ids = item.numbers("item_id", np.int64)
+    if not np.array_equal(ids, np.arange(ids.size)):
+        raise ExportFormatError(f"{item.source}: item_id must be 0..N-1 in order")
+    title_dtype, cat_dtype = np.dtype(info["title_dtype"]), np.dtype(info["categorical_dtype"])
+    release_dtype = np.dtype(info["release_dtype"])
+    if title_dtype.kind not in "iu" or cat_dtype.kind not in "iu" or release_dtype.kind != "f":
+        raise ExportFormatError(
+            f"{item.source}: the sidecar names dtypes {title_dtype}, {cat_dtype}, "
+            f"{release_dtype}; expected integer titles and features and float release times"
+        )
+    vocab_size, width = int(info["vocab_size"]), int(info["title_width"])
+    names = tuple(str(n) for n in info["categorical_names"])
+    cards = tuple(int(x) for x in info["categorical_cardinalities"])
+    if len(cards) != len(names) or vocab_size < 1 or width < 0 or min(cards, default=1) < 1:
+        raise ExportFormatError(f"{item.source}: the sidecar's catalog sizes do not fit")
+    seqs = item.sequences("title")
+    if any(len(s) > width for s in seqs):
+        raise ExportFormatError(f"{item.source}: a title has more than {width} tokens")
+    flat = np.array([t for s in seqs for t in s], dtype=str)
+    flat_ids = _parse_numbers(flat, np.dtype(np.int64), "field 'title'", item.source)
+    _check_ids(item.source, "title", flat_ids, 1, vocab_size)
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    title = np.zeros((ids.size, width), dtype=title_dtype)
+    rows = np.repeat(np.arange(ids.size), lengths)
+    cols_ = np.arange(flat_ids.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    title[rows, cols_] = flat_ids
+    feats = []
+    for n, card in zip(names, cards, strict=True):
+        v = item.numbers(n, cat_dtype)
+        _check_ids(item.source, n, v, 0, card)
+        feats.append(v)
+    categorical = np.stack(feats, axis=1) if names else np.zeros((ids.size, 0), dtype=cat_dtype)
+    release = item.numbers("release_time", release_dtype)
+    if not np.isfinite(release).all():
+        i = int(np.argmax(~np.isfinite(release)))
+        raise ExportFormatError(
+            f"{item.source}: line {i + 2}: release_time must be finite, got {release[i]}"
+        )
+    return ItemCatalog(
+        title_tokens=title,
+        vocab_size=vocab_size,
+        categorical=categorical,
+        categorical_names=names,
+        categorical_cardinalities=cards,
+        release_time=release,
+    )
+
+
+def _check_ids(source: str, what: str, v: np.ndarray, low: int, high: int) -> None:
+    bad = (v < low) | (v >= high)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ExportFormatError(f"{source}: field {what!r} must lie in [{low}, {high}), got {v[i]}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar_digest(side: dict[str, Any]) -> str:
+    """SHA-256 of the sidecar's content without its own digest (canonical JSON)."""
+    rest = {k: v for k, v in side.items() if k != "sha256"}
+    files = {k: v for k, v in (side.get("sha256") or {}).items() if k != "sidecar"}
+    text = json.dumps({**rest, "sha256": files}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- plain table
@@ -581,11 +675,12 @@ def read_table(path: str | os.PathLike[str], sep: str | None = None) -> Impressi
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ExportFormatError(f"{path} is not UTF-8 text: {e}") from e
-    lines = text.replace("\r\n", "\n").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines:
+    if not text:
         raise ExportFormatError(f"{path} is empty: expected a header line")
+    if not text.endswith("\n"):  # export_table ends every line, the last one too
+        raise ExportFormatError(f"{path} does not end with a newline: the file looks truncated")
+    lines = text.replace("\r\n", "\n").split("\n")
+    lines.pop()
     header = lines[0].split(s)
     dtypes = _log_dtypes()
     missing = [c for c in dtypes if c not in header]
@@ -600,11 +695,17 @@ def read_table(path: str | os.PathLike[str], sep: str | None = None) -> Impressi
             f"{path}: line {i + 2} has {len(rows[i])} fields, the header has {len(header)}{hint}"
         )
     cells = np.array(rows, dtype=str) if rows else np.zeros((0, len(header)), dtype=str)
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:
+        raise ExportFormatError(f"{path}: header names columns {repeated} more than once")
     cols = {
         c: _parse_numbers(cells[:, header.index(c)], dt, f"column {c!r}", str(path))
         for c, dt in dtypes.items()
     }
-    return ImpressionLog(cols)
+    try:
+        return ImpressionLog(cols)
+    except ValueError as e:
+        raise ExportFormatError(f"{path}: {e}") from e
 
 
 def _json_default(o: Any) -> Any:

@@ -66,6 +66,10 @@ class ImpressionLog:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.columns, dict):
+            raise ValueError(f"columns must be a dict of arrays, got {type(self.columns).__name__}")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"meta must be a dict, got {type(self.meta).__name__}")
         missing = [c for c in _COLUMNS if c not in self.columns]
         if missing:
             raise ValueError(f"columns is missing {missing}; required: {list(_COLUMNS)}")
@@ -82,13 +86,16 @@ class ImpressionLog:
                 n = a.shape[0]
             elif a.shape[0] != n:
                 raise ValueError(f"column {name!r} has {a.shape[0]} rows, expected {n}")
-            cols[name] = a.astype(dtype, copy=False)
+            cols[name] = _cast(name, a, dtype)
         self.columns = cols
+        _check_values(cols, _id_bounds(self.meta))
         if (self.candidates is None) != (self.candidate_request is None):
             raise ValueError("candidates and candidate_request must be given together")
         if self.candidates is not None:
-            self.candidates = np.asarray(self.candidates, dtype=np.int64)
-            self.candidate_request = np.asarray(self.candidate_request, dtype=np.int64)
+            self.candidates = _cast("candidates", np.asarray(self.candidates), np.dtype(np.int64))
+            self.candidate_request = _cast(
+                "candidate_request", np.asarray(self.candidate_request), np.dtype(np.int64)
+            )
             if self.candidates.ndim != 2 or self.candidate_request.shape != (
                 self.candidates.shape[0],
             ):
@@ -96,6 +103,31 @@ class ImpressionLog:
                     "candidates must be (R, K) and candidate_request (R,), got "
                     f"{self.candidates.shape} and {self.candidate_request.shape}"
                 )
+            n_items = _id_bounds(self.meta).get(Columns.ITEM)
+            _check_range("candidates", self.candidates.ravel(), -1, n_items, "-1 or item ids")
+            _check_range("candidate_request", self.candidate_request, 0, None, "request ids")
+
+    @classmethod
+    def _trusted(
+        cls,
+        columns: dict[str, np.ndarray],
+        candidates: np.ndarray | None,
+        candidate_request: np.ndarray | None,
+        meta: dict[str, Any],
+    ) -> ImpressionLog:
+        """A log from parts of already validated logs (rows selected or concatenated).
+
+        Skips the O(rows) validation: selecting or concatenating valid rows of the right
+        dtypes gives valid rows, and splits of a 100M-row log should not re-check them.
+        """
+        log = cls.__new__(cls)
+        log.columns, log.candidates, log.candidate_request, log.meta = (
+            columns,
+            candidates,
+            candidate_request,
+            meta,
+        )
+        return log
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
@@ -122,12 +154,15 @@ class ImpressionLog:
 
     def select(self, rows: np.ndarray) -> ImpressionLog:
         """A new log with the given rows (bool mask or indices); candidate sets follow."""
+        rows = np.asarray(rows)
+        if rows.dtype != np.bool_ and not np.issubdtype(rows.dtype, np.integer):
+            raise ValueError(f"rows must be a bool mask or integer indices, got dtype {rows.dtype}")
         cols = {c: a[rows] for c, a in self.columns.items()}
         cand = creq = None
         if self.candidates is not None:
             keep = np.isin(self.candidate_request, np.unique(cols[Columns.REQUEST]))
             cand, creq = self.candidates[keep], self.candidate_request[keep]
-        return ImpressionLog(cols, cand, creq, dict(self.meta))
+        return ImpressionLog._trusted(cols, cand, creq, dict(self.meta))
 
     def positives(self, include_dislikes: bool = False) -> ImpressionLog:
         """Rows with a click or like (and dislikes if asked), in the log's order."""
@@ -164,7 +199,9 @@ class ImpressionLog:
                 ]
             )
             creq = np.concatenate([lg.candidate_request for lg in with_cand])
-        return ImpressionLog(cols, cand, creq, dict(meta if meta is not None else logs[0].meta))
+        if meta is None:  # rows of valid logs under the first log's meta: still valid
+            return ImpressionLog._trusted(cols, cand, creq, dict(logs[0].meta))
+        return ImpressionLog(cols, cand, creq, dict(meta))
 
     # ------------------------------------------------------------------ splits
     def split_by_time(
@@ -284,9 +321,33 @@ class ImpressionLog:
                 missing = [c for c in _COLUMNS if f"col__{c}" not in files]
                 if missing:
                     raise LogFormatError(f"{path} is missing columns {missing}")
+                n_rows = header.get("n_rows")
+                if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
+                    raise LogFormatError(
+                        f"{path}: the header's n_rows is not a row count: {n_rows!r}"
+                    )
+                # shapes from the .npy headers before any data is read: a damaged or crafted
+                # shape must not make numpy allocate (or read) what the file cannot hold
+                shapes = {c: _member_shape(z, f"col__{c}") for c in _COLUMNS}
+                bad = [c for c, shape in shapes.items() if shape != (n_rows,)]
+                if bad:
+                    raise LogFormatError(
+                        f"{path}: columns {bad} do not have the {n_rows} rows the header promises"
+                    )
+                has_cand = "candidates" in files
+                if has_cand != ("candidate_request" in files):
+                    raise LogFormatError(f"{path}: candidates without candidate_request or back")
+                if has_cand:
+                    c_shape = _member_shape(z, "candidates")
+                    r_shape = _member_shape(z, "candidate_request")
+                    if len(c_shape) != 2 or r_shape != c_shape[:1]:
+                        raise LogFormatError(
+                            f"{path}: candidates {c_shape} and candidate_request {r_shape} "
+                            "do not fit (R, K) and (R,)"
+                        )
                 cols = {c: z[f"col__{c}"] for c in _COLUMNS}
-                cand = z["candidates"] if "candidates" in files else None
-                creq = z["candidate_request"] if "candidate_request" in files else None
+                cand = z["candidates"] if has_cand else None
+                creq = z["candidate_request"] if has_cand else None
         except LogFormatError:
             raise
         except (
@@ -297,16 +358,9 @@ class ImpressionLog:
             KeyError,
             json.JSONDecodeError,
             RuntimeError,  # zipfile on damaged flags: "encrypted", NotImplementedError, ...
+            MemoryError,  # a shape that passed the checks above but cannot be allocated
         ) as e:
             raise LogFormatError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from e
-        n_rows = header.get("n_rows")
-        if isinstance(n_rows, bool) or not isinstance(n_rows, int) or n_rows < 0:
-            raise LogFormatError(f"{path}: the header's n_rows is not a row count: {n_rows!r}")
-        bad = [c for c, a in cols.items() if a.shape != (n_rows,)]
-        if bad:
-            raise LogFormatError(
-                f"{path}: columns {bad} do not have the {header['n_rows']} rows the header promises"
-            )
         try:
             return cls(cols, cand, creq, header.get("meta", {}))
         except ValueError as e:
@@ -354,3 +408,152 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "to_dict"):
         return o.to_dict()
     raise TypeError(f"meta value of type {type(o).__name__} is not JSON-serialisable")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _member_shape(z: Any, name: str) -> tuple[int, ...]:
+    """Shape of array ``name`` of an open ``.npz`` from its ``.npy`` header, data unread.
+
+    Raises:
+        ValueError: if the header is damaged, or promises more bytes than the member holds.
+    """
+    info = z.zip.getinfo(f"{name}.npy")
+    with z.zip.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        header_bytes = f.tell()
+    n_bytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if n_bytes > info.file_size - header_bytes:
+        raise ValueError(
+            f"array {name!r} of shape {shape} needs {n_bytes} bytes, its member holds "
+            f"{info.file_size - header_bytes}"
+        )
+    return tuple(int(x) for x in shape)
+
+
+#: feedback codes a log may hold (EventType values)
+_FEEDBACK = (EventType.IMPRESSION, EventType.CLICK, EventType.LIKE, EventType.DISLIKE)
+
+
+def _first(bad: np.ndarray) -> int:
+    return int(np.argmax(bad))
+
+
+def _cast(name: str, a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``a`` as ``dtype``, refusing any conversion that would change a value.
+
+    Integer columns take integers that fit the dtype, or floats that are whole numbers in
+    range (an empty float column, as ``np.zeros(0)`` gives, is fine); float columns take any
+    real numbers (float64 -> float32 rounds, as it must). Strings, objects, complex: refused.
+    """
+    kind = a.dtype.kind
+    if dtype.kind == "i":
+        info = np.iinfo(dtype)
+        if kind in "iu":
+            if a.size and (a.min() < info.min or a.max() > info.max):
+                bad = (a < info.min) | (a > info.max)
+                i = _first(bad)
+                raise ValueError(
+                    f"column {name!r} must fit {dtype} [{info.min}, {info.max}], got {a[i]} at row {i}"
+                )
+            return a.astype(dtype, copy=False)
+        if kind == "f":
+            if a.size:
+                with np.errstate(invalid="ignore"):
+                    # bounds as exact powers of two: float(info.max) would round up past it
+                    bad = (
+                        ~np.isfinite(a)
+                        | (a != np.floor(a))
+                        | (a < info.min)
+                        | (a >= -float(info.min))
+                    )
+                if bad.any():
+                    i = _first(bad)
+                    raise ValueError(
+                        f"column {name!r} must hold whole numbers in {dtype} range "
+                        f"[{info.min}, {info.max}], got {a[i]!r} at row {i} (dtype {a.dtype})"
+                    )
+            return a.astype(dtype)
+        if kind == "b":
+            return a.astype(dtype)
+        raise ValueError(f"column {name!r} must hold integers ({dtype}), got dtype {a.dtype}")
+    if kind in "fiub":
+        return a.astype(dtype, copy=False)
+    raise ValueError(f"column {name!r} must hold real numbers ({dtype}), got dtype {a.dtype}")
+
+
+def _id_bounds(meta: dict[str, Any]) -> dict[str, int]:
+    """Exclusive upper bounds of id columns that ``meta`` names, if it names them.
+
+    ``collect`` records the world's config as ``meta["world"]`` (``n_users``, ``n_items``) and
+    the slate size as ``meta["slate_size"]`` (positions).
+    """
+
+    def count(v: Any) -> int | None:
+        ok = isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+        return int(v) if ok else None
+
+    world = meta.get("world")
+    world = world if isinstance(world, dict) else {}
+    found = {
+        Columns.USER: count(world.get("n_users")),
+        Columns.ITEM: count(world.get("n_items")),
+        Columns.POSITION: count(meta.get("slate_size")),
+    }
+    return {c: v for c, v in found.items() if v is not None}
+
+
+def _check_range(name: str, a: np.ndarray, low: int, high: int | None, what: str) -> None:
+    """Every value of integer column ``a`` in ``[low, high)`` (no upper bound if None)."""
+    if not a.size:
+        return
+    lo, hi = a.min(), a.max()
+    if lo >= low and (high is None or hi < high):
+        return
+    bad = (a < low) if high is None else (a < low) | (a >= high)
+    i = _first(bad)
+    bound = f"[{low}, {high})" if high is not None else f">= {low}"
+    raise ValueError(f"column {name!r} must hold {what} {bound}, got {a[i]} at row {i}")
+
+
+def _check_values(cols: dict[str, np.ndarray], bounds: dict[str, int]) -> None:
+    """Vectorised O(rows) checks of every column's meaning (see ImpressionLog)."""
+    _check_range(Columns.USER, cols[Columns.USER], 0, bounds.get(Columns.USER), "user ids")
+    _check_range(Columns.ITEM, cols[Columns.ITEM], 0, bounds.get(Columns.ITEM), "item ids")
+    _check_range(Columns.REQUEST, cols[Columns.REQUEST], 0, None, "request ids")
+    _check_range(Columns.SESSION, cols[Columns.SESSION], 0, None, "session indices")
+    _check_range("session_step", cols["session_step"], 0, None, "slate indices")
+    _check_range(
+        Columns.POSITION, cols[Columns.POSITION], 0, bounds.get(Columns.POSITION), "slate positions"
+    )
+    fb = cols[Columns.FEEDBACK]
+    if fb.size and (fb.min() < min(_FEEDBACK) or fb.max() > max(_FEEDBACK)):
+        i = _first((fb < min(_FEEDBACK)) | (fb > max(_FEEDBACK)))
+        raise ValueError(
+            f"column {Columns.FEEDBACK!r} must hold EventType codes "
+            f"{[int(c) for c in _FEEDBACK]} (impression, click, like, dislike), got {fb[i]} at row {i}"
+        )
+    for name, low, what in (
+        (Columns.TIME, 0.0, "finite times >= 0 (days)"),
+        (Columns.WATCH, 0.0, "finite watch minutes >= 0"),
+        (Columns.REWARD, -np.inf, "finite rewards"),
+    ):
+        a = cols[name]
+        bad = ~np.isfinite(a) | (a < low)
+        if bad.any():
+            i = _first(bad)
+            raise ValueError(f"column {name!r} must hold {what}, got {a[i]} at row {i}")
+    p = cols[Columns.PROPENSITY]
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isnan(p) | ((p > 0) & (p <= 1)))
+    if bad.any():
+        i = _first(bad)
+        raise ValueError(
+            f"column {Columns.PROPENSITY!r} must hold probabilities in (0, 1] or NaN "
+            f"(not recorded), got {p[i]} at row {i}"
+        )

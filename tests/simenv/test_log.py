@@ -480,7 +480,9 @@ class _SlatesOnly:
 
     @staticmethod
     def fake_propensity(slates):
-        return ((slates % 97) / 97.0 + 0.001 * np.arange(slates.shape[1])).astype(np.float32)
+        # in (0, 1]: a log holds probabilities
+        pos = np.arange(slates.shape[1])
+        return ((slates % 97 + 1) / 98.0 + 0.001 * pos).astype(np.float32)
 
     def act(self, obs):
         slates, _ = self.inner.act(obs)
@@ -492,7 +494,7 @@ class _SlatesOnly:
 def test_collect_propensities_from_tuple_attribute_or_nan():
     env = BatchedRecEnv(4, EnvConfig.small())
     log = collect(env, _SlatesOnly(env.world, expose=True), n_users=6, progress=False)
-    expect = ((log.item % 97) / 97.0 + 0.001 * log.position).astype(np.float32)
+    expect = ((log.item % 97 + 1) / 98.0 + 0.001 * log.position).astype(np.float32)
     np.testing.assert_allclose(log.propensity, expect, rtol=1e-6)
     log = collect(env, _SlatesOnly(env.world, expose=False), n_users=6, progress=False)
     assert len(log) > 0 and np.all(np.isnan(log.propensity))

@@ -87,6 +87,7 @@ def test_merge_renumbers_requests_and_candidates():
         n = 2 * n_req
         cols = {c: np.zeros(n) for c in ImpressionLog.empty().columns}
         cols[Columns.USER] = np.full(n, user)
+        cols[Columns.PROPENSITY] = np.full(n, np.nan)  # not recorded (0 is no probability)
         cols[Columns.REQUEST] = np.repeat(np.arange(n_req), 2)
         cand = np.arange(n_req * 3).reshape(n_req, 3)
         return ImpressionLog(cols, cand, np.arange(n_req), {})
