@@ -182,7 +182,7 @@ def closed_loop(
             targets = teacher_targets(
                 ranker, queries, world.catalog.release_time, dcfg, np.random.default_rng([seed, r])
             )
-            pool = np.nonzero(released(world.items.release_time, log[Columns.TIME].max()))[0]
+            pool = np.nonzero(released(world.catalog.release_time, log[Columns.TIME].max()))[0]
             extra, weight = DistillObjective(targets, dcfg, model, sample_pool=pool), dcfg.weight
         fit_two_tower(
             model, loss, log, seq,
@@ -232,7 +232,7 @@ def _round_metrics(
         obs = seq.history(users, res.log[Columns.TIME][first][:500], history_length)
         ids, _ = gen.retrieve(obs, 100, exclude_seen=False)
         row["leakage@100"] = mean_over_users(
-            leakage_at_k(ids, world.items.group, world.users.group[users], 100)
+            leakage_at_k(ids, world.catalog.column("group"), world.users.group[users], 100)
         )
     else:
         row["leakage@100"] = float("nan")

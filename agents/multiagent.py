@@ -138,7 +138,7 @@ def _validate_set(env: RecEnv, cand: np.ndarray) -> None:
     if np.unique(cand).size != cand.size:
         raise ValueError("generator action must hold distinct item ids")
     t = env.sim.time[0]
-    late = ~released(env.world.items.release_time[cand], t)  # simenv.clock: the env's own rule
+    late = ~released(env.world.catalog.release_time[cand], t)  # simenv.clock: the env's own rule
     if late.any():
         raise ValueError(
             f"generator action contains unreleased item {int(cand[late][0])} at time "

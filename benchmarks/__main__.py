@@ -17,6 +17,8 @@ Exit codes: 0 success; 1 an experiment (or an experiment module) failed, or, wit
 from __future__ import annotations
 
 import argparse
+import difflib
+import os
 import shlex
 import sys
 import time
@@ -31,6 +33,7 @@ from benchmarks.registry import (
     UnknownExperimentError,
     config_fields,
     make_config,
+    parse_value,
 )
 from benchmarks.report import INDEX_FILE, format_seconds
 from benchmarks.runner import RunOutcome, export_thread_env, run_experiment
@@ -166,6 +169,65 @@ def _split_overrides(
     return out
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot hold the reports, or None.
+
+    An existing file, a file where a parent folder should be, or a folder without write
+    permission.
+    """
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is an existing file; the reports need a folder (another path?)"
+    parent = out
+    while not parent.exists():
+        if parent.parent == parent:
+            return None
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--out {out}: {parent} is a file, so the folder cannot be created"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--out {out}: no permission to write in {parent}"
+    return None
+
+
+def _static_problem(args: argparse.Namespace) -> str | None:
+    """The first error in NAME or ``--set`` that the experiments' source shows, or None.
+
+    Reads :func:`benchmarks.manifest.read_manifest` (no import of the experiments); where the
+    manifest cannot tell, it says nothing and the registry decides after the import.
+    """
+    from benchmarks.manifest import read_manifest, resolve_annotation
+
+    manifest = read_manifest(list(EXPERIMENT_MODULES))
+    if manifest is None:
+        return None
+    if args.name == "all":
+        selected = list(manifest.values())
+    elif args.name in manifest:
+        selected = [manifest[args.name]]
+    else:
+        close = difflib.get_close_matches(args.name, list(manifest), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown experiment {args.name!r}{hint}; registered: {', '.join(manifest)}"
+    try:
+        overrides = _split_overrides(args.overrides, selected, manifest, args.name == "all")
+        for exp in selected:
+            if exp.fields is None:
+                continue
+            unknown = sorted(set(overrides[exp.name]) - set(exp.fields))
+            if unknown:
+                return (
+                    f"unknown config field(s) {unknown} for {exp.name}; "
+                    f"fields: {', '.join(exp.fields)}"
+                )
+            for key, text in overrides[exp.name].items():
+                tp = resolve_annotation(exp.fields[key])
+                if tp is not None:
+                    parse_value(text, tp, key)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _command(
     exp: Experiment, args: argparse.Namespace, n_seeds: int, overrides: dict[str, str]
 ) -> str:
@@ -210,6 +272,17 @@ def main(
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
+    problem = _out_problem(args.out)
+    if problem:
+        parser.error(problem)
+    if registry is None and modules is None and not args.modules and args.name != "list":
+        # the shipped experiments: names and --set checked from their source, before the
+        # 10-15 s import of torch and the models (the registry checks again after it)
+        problem = _static_problem(args)
+        if problem:
+            print(f"python -m benchmarks: error: {problem}", file=sys.stderr)
+            print("see `python -m benchmarks list`", file=sys.stderr)
+            return 2
     export_thread_env(args.threads)  # before experiment modules import torch / faiss
 
     registry = REGISTRY if registry is None else registry

@@ -76,7 +76,7 @@ class ConsistencyConfig(ExperimentConfig):
 
 def _train_distilled(data, targets, dcfg: DistillConfig, tcfg: TrainConfig) -> TwoTowerModel:
     model = TwoTowerModel.build(default_two_tower(64), data.world.catalog)
-    pool = np.nonzero(released(data.world.items.release_time, data.t1))[0]
+    pool = np.nonzero(released(data.world.catalog.release_time, data.t1))[0]
     obj = DistillObjective(targets, dcfg, model, sample_pool=pool)
     fit_two_tower(
         model, mixed_negatives(), data.train, data.seq_train, tcfg, valid=data.valid_set,
@@ -168,7 +168,7 @@ def run(cfg: ConsistencyConfig, ctx: RunContext) -> None:
         env = BatchedRecEnv(min(cfg.online_users, 4096), data.env, world=world)
         agents = {
             "random": RandomAgent(world, k, seed=seed),
-            "popular": PopularAgent(data.train_counts, world.items.release_time, k),
+            "popular": PopularAgent(data.train_counts, world.catalog.release_time, k),
             f"pipeline K={cfg.quota}, positives only": MultiStagePipeline(
                 [Source(two_tower_generator(gens["positives only"], data), cfg.quota)], ranker, k
             ),

@@ -184,7 +184,8 @@ def run(cfg: FoldingConfig, ctx: RunContext) -> None:
                 with ctx.timer("evaluate"):
                     m, per = evaluate_per_user(two_tower_generator(model, data, name), data)
                     vecs = model.all_item_vectors().numpy()  # (N, d) raw tower outputs
-                    sim = group_centroid_similarity(vecs, data.world.items.group)  # (G, G)
+                    groups = data.world.catalog.column("group")  # (N,) public item groups
+                    sim = group_centroid_similarity(vecs, groups)  # (G, G)
                 users.add(_arm(name, eps), seed, per)
                 if seed == ctx.seeds[0] and eps == epsilons[0]:
                     centroids[name] = sim

@@ -210,7 +210,7 @@ def _zero_new_item_ids(model, data) -> dict[str, float]:
     catalog, future items included, and push them away from users.) Modifies ``model``.
     """
     id_part = next(p for p in model.item_tower.parts if isinstance(p, IDItemTower))
-    new = torch.from_numpy(np.flatnonzero(~released(data.world.items.release_time, data.t1)))
+    new = torch.from_numpy(np.flatnonzero(~released(data.world.catalog.release_time, data.t1)))
     fresh = TwoTowerModel.build(model.config, data.world.catalog).item_tower  # same seeds
     init = next(p for p in fresh.parts if isinstance(p, IDItemTower)).embedding.weight[new]
     with torch.no_grad():

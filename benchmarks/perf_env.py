@@ -84,7 +84,7 @@ class PerfEnvConfig(ExperimentConfig):
 
 def _slates(world: World, batch: int, k: int, n: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``n`` batches of random slates of distinct items released at time 0 (policy cost excluded)."""
-    pool = np.nonzero(released(world.items.release_time, 0.0))[0]
+    pool = np.nonzero(released(world.catalog.release_time, 0.0))[0]
     out = []
     for _ in range(n):
         base = rng.integers(0, pool.size - 4 * k, size=(batch, 1))

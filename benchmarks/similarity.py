@@ -116,7 +116,8 @@ def run(cfg: SimilarityExperimentConfig, ctx: RunContext) -> None:
     for seed in ctx.seeds:
         data = offline_data(ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user)
         wl = world_label(env_config(ctx.quick), seed)
-        warm = released(data.world.items.release_time, data.t1)  # (N,) items of the training period
+        # (N,) items of the training period
+        warm = released(data.world.catalog.release_time, data.t1)
         counts = data.train_counts[warm]
         norms: dict[str, np.ndarray] = {}
         for name in ctx.progress(variants, desc=f"seed {seed}"):
