@@ -80,6 +80,7 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.baselines",
     "benchmarks.perf",
     "benchmarks.movielens",
+    "benchmarks.scale",
 ]
 
 RESERVED_NAMES = frozenset({"all", "list"})

@@ -244,14 +244,18 @@ def _read_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...], mmap: bool) -> np.ndarray:
-    need = int(np.prod(shape)) * dtype.itemsize
+def _check_size(path: Path, need: int) -> None:
     try:
         size = path.stat().st_size
     except OSError as e:
         raise LogFormatError(f"{path} is missing") from e
     if size != need:
         raise LogFormatError(f"{path} has {size} bytes, the header promises {need}")
+
+
+def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...], mmap: bool) -> np.ndarray:
+    need = int(np.prod(shape)) * dtype.itemsize
+    _check_size(path, need)
     if need == 0:
         return np.zeros(shape, dtype=dtype)
     if mmap:
@@ -290,15 +294,41 @@ def open_log_store(path: str | os.PathLike[str], mmap: bool = True) -> Impressio
 
 
 def iter_log_store(
-    path: str | os.PathLike[str], rows_per_chunk: int = 4_000_000
-) -> Iterator[ImpressionLog]:
-    """The store's rows as in-memory chunks of at most ``rows_per_chunk`` rows (no candidates)."""
+    path: str | os.PathLike[str],
+    rows_per_chunk: int = 4_000_000,
+    columns: Sequence[str] | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The store's rows as in-memory column chunks of at most ``rows_per_chunk`` rows.
+
+    Chunks are read with plain file reads, not a memory map, so only the current chunk is
+    resident (a scan of a 100M-row store holds one chunk, not the file's pages).
+
+    Args:
+        path: the store.
+        rows_per_chunk: rows per chunk.
+        columns: the columns to read (default: all).
+
+    Yields:
+        Dicts column name -> array of the chunk's rows (candidate sets are not read).
+    """
     check_range("rows_per_chunk", rows_per_chunk, 1, 2**40, integer=True)
-    log = open_log_store(path)
-    n = len(log)
-    for s in range(0, n, rows_per_chunk):
-        e = min(n, s + rows_per_chunk)
-        yield ImpressionLog({c: np.array(a[s:e]) for c, a in log.columns.items()}, meta=log.meta)
+    path = Path(path)
+    header = _read_header(path)
+    n = header["n_rows"]
+    names = list(_COLUMNS) if columns is None else list(columns)
+    unknown = [c for c in names if c not in _COLUMNS]
+    if unknown:
+        raise ValueError(f"columns has unknown names {unknown}; allowed: {list(_COLUMNS)}")
+    for c in names:  # sizes checked up front: a damaged store fails before the first chunk
+        _check_size(path / _col_file(c), n * _COLUMNS[c].itemsize)
+    files = {c: open(path / _col_file(c), "rb") for c in names}  # noqa: SIM115
+    try:
+        for s in range(0, n, rows_per_chunk):
+            m = min(n, s + rows_per_chunk) - s
+            yield {c: np.fromfile(files[c], dtype=_le(_COLUMNS[c]), count=m) for c in names}
+    finally:
+        for f in files.values():
+            f.close()
 
 
 def concat_log_stores(

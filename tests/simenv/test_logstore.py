@@ -67,10 +67,14 @@ def test_chunked_append_and_concat_equal_the_in_memory_merge(tmp_path):
     )
     assert open_log_store(out).equals(ref)
     chunks = list(iter_log_store(out, rows_per_chunk=7))
-    assert [len(c) for c in chunks] == [7] * 5 + [4]
-    joined = ImpressionLog.concat(chunks, meta={"m": 1})
+    assert [len(c[Columns.USER]) for c in chunks] == [7] * 5 + [4]
     for c in ref.columns:
-        assert np.array_equal(joined[c], ref[c], equal_nan=True), c
+        joined = np.concatenate([ch[c] for ch in chunks])
+        assert np.array_equal(joined, ref[c], equal_nan=True), c
+    (only,) = list(iter_log_store(out, rows_per_chunk=100, columns=[Columns.ITEM]))
+    assert list(only) == [Columns.ITEM] and np.array_equal(only[Columns.ITEM], ref[Columns.ITEM])
+    with pytest.raises(ValueError, match="unknown names \\['items'\\]"):
+        next(iter_log_store(out, columns=["items"]))
 
 
 def test_incomplete_or_damaged_stores_are_refused(tmp_path):
