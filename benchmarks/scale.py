@@ -97,7 +97,11 @@ class ScaleConfig(ExperimentConfig):
         True, "run each stage in a fresh process (its own peak memory); False: in this one"
     )
     data_dir: str = param("", "folder for logs and checkpoints (default: a temporary one)")
-    keep_data: bool = param(False, "keep the logs and checkpoints after the run")
+    keep_data: bool = param(
+        False,
+        "keep the logs and checkpoints after the run; a rerun with the same data_dir and "
+        "config then reuses the finished stages (resumes a long run)",
+    )
 
     def __post_init__(self) -> None:
         sizes = tuple(int(s) for s in self.sizes)
@@ -590,10 +594,19 @@ def run(cfg: ScaleConfig, ctx: RunContext) -> None:
             p = _params(cfg, ctx, seed, n, root)
             res[n] = {}
             for stage in STAGES:
+                saved = Path(p["dir"]) / f"stage-{stage}.json"
+                if cfg.keep_data and saved.exists():  # resume a long run of the same config
+                    doc = json.loads(saved.read_text())
+                    same = {k: v for k, v in p.items() if k != "progress"}
+                    if {k: v for k, v in doc.get("params", {}).items() if k != "progress"} == same:
+                        res[n][stage] = {**doc["result"], "reused": True}
+                        ctx.log(f"N={n:,}: {stage} reused from {saved}")
+                        continue
                 ctx.log(f"N={n:,}: {stage}")
                 with ctx.timer(f"{stage}_n{n}"):
                     res[n][stage] = run_stage(stage, p, cfg.fresh_processes)
                 r = res[n][stage]
+                saved.write_text(json.dumps({"params": p, "result": r}))
                 ctx.log(f"N={n:,}: {stage} {r['seconds']:.1f} s, peak {r['peak_gib']} GiB")
         ctx.log("side by side: smallest vs largest N")
         sbs = run_stage(
