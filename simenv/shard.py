@@ -42,6 +42,7 @@ users)``: the per-user outcomes come from the merged log.
 from __future__ import annotations
 
 import copy
+import logging
 import multiprocessing
 import os
 import pickle
@@ -339,6 +340,7 @@ def _map_ray(
             num_cpus=workers or os.cpu_count() or 1,
             include_dashboard=False,
             log_to_driver=False,
+            logging_level=logging.ERROR,  # no start-up banner between our progress lines
             runtime_env={"env_vars": {"PYTHONPATH": path}},
         )
         started = True
