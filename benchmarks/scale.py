@@ -19,7 +19,8 @@ For each N (default 1M, 3M, 10M) four stages run one after another, each in a fr
    ``train_chunks`` consecutive ``fit_two_tower`` calls (the model carries over; each call
    starts a new optimiser).
 4. **retrieve**: item vectors of all N items, then exact top-k (``ItemIndex(kind="exact")``,
-   chunked matmul + top-k) for ``retrieval_users`` users with history.
+   chunked matmul + top-k) for ``retrieval_users`` users with history (drawn with replacement
+   when the log has fewer).
 
 Peak memory is the stage process's ``VmHWM`` after resetting it (``/proc/self/clear_refs``) at
 the start of the timed part, so it includes what the process holds (the world in *collect*)
@@ -410,11 +411,16 @@ def stage_train(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _queries(p: dict[str, Any], n_users: int, model: Any, seq: Any, t_end: float) -> np.ndarray:
-    """User vectors (U, d) of ``n_users`` seeded users with history, at the log's end."""
+    """User vectors (n_users, d) of seeded users with history, at the log's end.
+
+    Distinct users while the log has enough users with history; otherwise (the smallest
+    worlds log fewer users than ``retrieval_users``) drawn with replacement, so every size
+    answers the same number of queries (the search cost does not depend on who asks).
+    """
     import torch
 
     rng = np.random.default_rng(p["query_seed"])
-    users = rng.choice(seq.users, size=min(n_users, seq.users.size), replace=False)
+    users = rng.choice(seq.users, size=n_users, replace=n_users > seq.users.size)
     out = []
     with torch.no_grad():
         for s in range(0, users.size, 8192):
@@ -458,6 +464,7 @@ def stage_retrieve(p: dict[str, Any]) -> dict[str, Any]:
     out = st.stop()
     out.update(
         users=int(q.shape[0]),
+        users_with_history=int(seq.users.size),
         item_vectors_seconds=vec_s,
         batch_seconds=batch_s,
         batch_queries=batch_n,
@@ -679,7 +686,8 @@ def _report(
                 "log_disk_gib": c["disk_gib"],
                 "train_examples": t["examples"],
                 "train_examples_per_s": t["examples_per_s"],
-                "retrieval_users": r["users"],
+                "retrieval_queries": r["users"],
+                "users_with_history": r.get("users_with_history"),
                 "item_vectors_s": r["item_vectors_seconds"],
                 "queries_per_s": r["queries_per_s"],
                 "world_resident_gib": res[n]["world"]["world_gib"],

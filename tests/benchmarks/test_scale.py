@@ -57,7 +57,7 @@ def test_scale_quick_runs_every_stage_and_reports(tmp_path):
         c, t, r = st["collect"], st["train"], st["retrieve"]
         assert c["rows"] == sum(c["shard_rows"]) and len(c["shard_rows"]) == cfg.n_shards
         assert t["examples"] == sum(t["chunk_examples"]) > 0
-        assert r["users"] == sum(r["batch_queries"]) <= 200
+        assert r["users"] == sum(r["batch_queries"]) == 200  # with replacement if needed
         for s in st.values():
             assert s["seconds"] > 0 and s["peak_gib"] > 0
     sbs = doc["results"]["side_by_side"]
