@@ -56,6 +56,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.vector import VectorEnv, VectorWrapper
 
+from simenv.clock import released
 from simenv.types import EventType, Obs
 
 __all__ = [
@@ -80,17 +81,9 @@ SearchFn = Callable[[np.ndarray, int, np.ndarray], np.ndarray]
 
 # ---------------------------------------------------------------------------- batched kernels
 def released_items(release_time: np.ndarray, time: np.ndarray) -> np.ndarray:
-    """Bool ``(B, N)``: item released at each query time (conservative by float32 rounding).
-
-    Agents that read the time from ``obs["context"]`` see it as float32 while the env checks
-    release in float64, so an item is taken as released only if ``release_time <= 0`` or
-    ``release_time <= time - 4 eps_32 max(1, |time|)``: items released in the last instant
-    (seconds at the simulator's time scale) wait one more step, and no unreleased item passes.
-    """
+    """Bool ``(B, N)``: item released at each query time (:func:`simenv.clock.released`)."""
     t = np.asarray(time, dtype=np.float64).reshape(-1, 1)  # (B, 1)
-    margin = 4.0 * float(np.finfo(np.float32).eps) * np.maximum(1.0, np.abs(t))
-    r = np.asarray(release_time, dtype=np.float64)[None, :]  # (1, N)
-    return (r <= 0.0) | (r <= t - margin)
+    return released(np.asarray(release_time)[None, :], t)
 
 
 def repair_slates(
@@ -602,7 +595,7 @@ class AdapterAgent:
         """Slates (B, k) for a batch of raw observations."""
         x = obs if self._feats is None else self._feats.features(obs, batched=True)
         actions = np.asarray(self.predict(x))
-        t = np.asarray(obs[Obs.CONTEXT], dtype=np.float64)[:, 0]  # float32 time: conservative
+        t = np.asarray(obs[Obs.CONTEXT], dtype=np.float64)[:, 0]  # the observed time
         return self._maker.slates(actions, t)[0]
 
 

@@ -193,8 +193,10 @@ def test_observation_adapter_single_and_vector_and_the_agent_bridge():
     obs, _ = env.reset(seed=0)
     assert env.observation_space.contains(obs) and obs["history"].shape == (5,)
     for _ in range(20):
-        obs, *_ = env.step(env.action_space.sample())
+        obs, _, term, trunc, _ = env.step(env.action_space.sample())
         assert env.observation_space.contains(obs)
+        if term or trunc:
+            obs, _ = env.reset()
     venv = VectorHistoryEmbeddingObservation(VectorEmbeddingAction(BatchedRecEnv(4, CFG), vec), vec)
     vobs, _ = venv.reset(seed=0)
     assert venv.observation_space.contains(vobs) and vobs["history"].shape == (4, 5)
