@@ -609,7 +609,8 @@ def log_item_embeddings(
     A dislike still says "this user clicks this kind of item" (users never click outside
     their group); counting it -1 made the space worse for acting: on RecEnv-small-v0 the
     policy "query = pooled history" earned 10.5 reward per user with d = 4 against 20.6 with
-    every click counted 1 (uniformly random slates: 7.7). A fixed
+    every click counted 1 (uniformly random slates: 7.7; measured before the simulator's
+    drift kept preferences unit vectors, which lowered both). A fixed
     embedding space for :class:`EmbeddingAction` / :class:`HistoryEmbeddingObservation`
     built from public data only (a log), never from the world's hidden latent vectors.
 

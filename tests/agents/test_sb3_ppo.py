@@ -1,15 +1,17 @@
 """Stable-Baselines3 PPO (MultiInputPolicy) learns on simenv/RecEnv-small-v0 through the adapters.
 
-The adapters that suit PPO here: :class:`simenv.wrappers.EmbeddingAction` (a 4-d query in a
+The adapters that suit PPO here: :class:`simenv.wrappers.EmbeddingAction` (an 8-d query in a
 PureSVD item space built from a uniformly random log) and
 :class:`simenv.wrappers.HistoryEmbeddingObservation` (the history pooled in that space), with
-SB3's ``VecNormalize`` for observations and rewards. Settings (tuned the way an RL user
-would, on seeds other than the one tested): 8 envs x ``n_steps=64``, ``batch_size=128``,
-``learning_rate=1e-3``, ``gamma=0.9``, ``log_std_init=-0.5``, ``ent_coef=0``; after 8,192
-env steps (seeds 0-2 measured 18.1, 13.8, 18.4 reward per user against 7.7 for uniformly
-random and 8.3 for popular slates). The trained policy is compared, paired over all 300
-users of the world with the same per-user streams, with the untrained policy, the uniform
-random agent and the popular agent, through the verdict API.
+SB3's ``VecNormalize`` for observations and rewards. Settings, tuned the way an RL user
+would (on seeds 1-2, not the tested seed 0): 8 envs x ``n_steps=64``, ``batch_size=128``,
+``learning_rate=1e-3``, ``gamma=0.9``, ``log_std_init=-0.5``, ``ent_coef=0``, 8,192 env steps.
+Measured (reward per user over all 300 users; uniformly random slates 7.9, popular 9.6):
+seeds 0-4 reach 17.0, 14.8, 12.7, 12.0 and 8.5 - PPO at this budget is not reliable on every
+seed; the ``rl`` benchmark runs the multi-seed comparison with twice the steps. This test pins
+seed 0 (deterministic on one machine) and compares the trained policy, paired over all users
+with the same per-user streams, with the untrained policy, the uniform random agent and the
+popular agent, through the verdict API.
 """
 
 import numpy as np
@@ -40,7 +42,7 @@ def test_ppo_multi_input_policy_beats_random_and_popular_on_the_small_env():
     env = BatchedRecEnv(300, cfg)
     world = env.world
     log = collect(env, UniformPolicy(world, cfg.slate_size, seed=0), n_users=300, seed=10)
-    vec = log_item_embeddings(log, world.n_users, world.n_items, dim=4, seed=0)
+    vec = log_item_embeddings(log, world.n_users, world.n_items, dim=8, seed=0)
     clicks = np.bincount(log[Columns.ITEM][log[Columns.FEEDBACK] > 0], minlength=world.n_items)
 
     def make():
