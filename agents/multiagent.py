@@ -28,7 +28,7 @@ from simenv.clock import format_time, observed_time, released
 from simenv.rec_env import RecEnv
 from simenv.spaces import SlateSpace
 
-__all__ = ["TwoAgentRecEnv", "RankerEnv", "GeneratorEnv"]
+__all__ = ["TwoAgentRecEnv", "RankerEnv", "GeneratorEnv", "train_jointly"]
 
 GENERATOR, RANKER = "generator", "ranker"
 
@@ -237,3 +237,55 @@ class GeneratorEnv(gym.Env):
         pos = np.argsort(-scores, kind="stable")[: self.k]
         obs, rew, term, trunc, info = self.two.step({RANKER: pos.astype(np.int64)})
         return obs[GENERATOR], rew[GENERATOR], term[GENERATOR], trunc[GENERATOR], info[GENERATOR]
+
+
+def train_jointly(
+    generator: Any,
+    ranker: Any,
+    env: Any,
+    config: Any,
+    rounds: int,
+    users_per_round: int,
+    seed: int,
+    ranker_config: Any,
+    progress: bool = False,
+) -> list[dict[str, float]]:
+    """The two agents learn from their shared reward, round by round (batched).
+
+    Each round the pipeline (the generator sampling K candidates from its softmax policy,
+    the ranker picking the slate) plays ``users_per_round`` whole user episodes; then the
+    generator takes a REINFORCE step with the top-K off-policy correction on that round's
+    returns (:func:`agents.reinforce.train_online`) and the ranker is trained, warm, on the
+    impressions the pipeline produced (supervised, :func:`ranking.train_ranker`). This is
+    :class:`TwoAgentRecEnv`'s game played by B users at once: both agents act on every
+    request and get the same reward.
+
+    (A PettingZoo wrapper is not provided: the two agents act in turns within one step, which
+    is PettingZoo's AEC API rather than its parallel one, and pettingzoo is not a dependency.)
+
+    Args:
+        generator: a :class:`agents.reinforce.ReinforceGenerator` (trained in place).
+        ranker: a :class:`ranking.Ranker` (trained in place).
+        env: a :class:`simenv.BatchedRecEnv`.
+        config: the generator's :class:`agents.reinforce.ReinforceConfig`.
+        rounds: rounds.
+        users_per_round: user episodes per round.
+        seed: seed of the users and draws.
+        ranker_config: :class:`ranking.RankerTrainConfig` of each ranker update.
+        progress: tqdm bars.
+
+    Returns:
+        Per round: reward per user while collecting and the generator's training stats.
+    """
+    from agents.reinforce import train_online
+    from ranking import train_ranker
+    from simenv.history import EventSequences
+
+    def retrain(log: Any) -> Any:
+        train_ranker(ranker, log, EventSequences.from_log(log, env.world.n_items), ranker_config)
+        return ranker
+
+    return train_online(
+        generator, env, ranker, config, rounds, users_per_round, seed,
+        retrain_ranker=retrain, progress=progress,
+    )  # fmt: skip

@@ -81,6 +81,8 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.perf",
     "benchmarks.movielens",
     "benchmarks.scale",
+    "benchmarks.rl",
+    "benchmarks.ope",
 ]
 
 RESERVED_NAMES = frozenset({"all", "list"})
