@@ -125,14 +125,17 @@ def _obp_anchor(data, t: int, k: int) -> dict[str, float] | str:
         slate_id=np.repeat(np.arange(n), k), reward=data.clicks.ravel(),
         position=np.tile(np.arange(k), n),
     )  # fmt: skip
-    std = SlateStandardIPS(len_list=k).estimate_policy_value(
-        **common,
-        pscore=np.repeat(mu_cum[:, -1], k),
-        evaluation_policy_pscore=np.repeat(pi_cum[:, -1], k),
-    )
-    rips = SlateRewardInteractionIPS(len_list=k).estimate_policy_value(
-        **common, pscore_cascade=mu_cum.ravel(), evaluation_policy_pscore_cascade=pi_cum.ravel()
-    )
+    try:
+        std = SlateStandardIPS(len_list=k).estimate_policy_value(
+            **common,
+            pscore=np.repeat(mu_cum[:, -1], k),
+            evaluation_policy_pscore=np.repeat(pi_cum[:, -1], k),
+        )
+        rips = SlateRewardInteractionIPS(len_list=k).estimate_policy_value(
+            **common, pscore_cascade=mu_cum.ravel(), evaluation_policy_pscore_cascade=pi_cum.ravel()
+        )
+    except Exception as e:  # noqa: BLE001  (obp's input checks: report, do not crash the run)
+        return f"obp raised {type(e).__name__}: {e}"
     return {"ips": float(std), "cascade": float(rips)}
 
 

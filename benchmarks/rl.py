@@ -77,7 +77,7 @@ class RLConfig(ExperimentConfig):
     ranker_epochs: int = param(2, "ranker training epochs")
     epochs: int = param(5, "supervised generator epochs (early stopping on validation recall)")
     quota: int = param(
-        200, "K: candidates the generator gives the ranker (and K of the top-K correction)"
+        100, "K: candidates the generator gives the ranker (and K of the top-K correction)"
     )
     gamma: float = param(0.9, "discount per slate of the long-term REINFORCE")
     rf_epochs: int = param(1, "REINFORCE epochs over the logged requests")

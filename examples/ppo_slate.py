@@ -9,8 +9,9 @@ Read top to bottom: arguments, environment, agent, rollout + GAE, PPO update, ev
   item through learned item embeddings, ``logits_i = <u, e_i>`` (unreleased items masked);
   the slate is a Plackett-Luce sample without replacement (Gumbel top-k), whose
   log-probability is ``sum_j [logit(a_j) - logsumexp(logits over items not yet picked)]``.
-- Features: the mean of the embeddings of the history's (item + event type), plus the
-  context (log1p of time, session, position).
+- Features: the mean of the embeddings of the history's (item + event type) and log1p of
+  the session index and position in session, through one linear layer and tanh (the date
+  is left out: its scale would swamp an untrained history encoding).
 - Autoreset: a slot whose episode ended at step t ignores its action at t+1 and returns
   the next user's first observation with reward 0; those reset steps are masked out of the
   loss, GAE does not chain across them, and truncated episodes bootstrap from the value of
@@ -96,7 +97,7 @@ class Agent(nn.Module):
         super().__init__()
         self.item = nn.Embedding(n_items, dim)  # item embeddings: history encoder and scorer
         self.event = nn.Embedding(EventType.n_types(), dim)
-        self.context = nn.Linear(3, dim)
+        self.mix = nn.Linear(dim + 2, dim)  # pooled history + (session, position)
         self.actor = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, dim))
         self.critic = nn.Sequential(nn.Linear(dim, 64), nn.Tanh(), nn.Linear(64, 1))
         nn.init.normal_(self.item.weight, std=0.1)
@@ -105,7 +106,8 @@ class Agent(nn.Module):
         mask = obs[Obs.MASK].float()  # (B, L)
         x = self.item(obs[Obs.ITEMS]) + self.event(obs[Obs.EVENTS])  # (B, L, d)
         pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
-        return torch.tanh(pooled + self.context(torch.log1p(obs[Obs.CONTEXT])))  # (B, d)
+        ctx = torch.log1p(obs[Obs.CONTEXT][:, 1:])  # (B, 2) session, position (not the date)
+        return torch.tanh(self.mix(torch.cat([pooled, ctx], dim=1)))  # (B, d)
 
     def logits(self, h: torch.Tensor, released: torch.Tensor) -> torch.Tensor:
         s = self.actor(h) @ self.item.weight.T  # (B, N)

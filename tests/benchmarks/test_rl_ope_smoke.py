@@ -71,3 +71,9 @@ def test_ope_smoke(tmp_path):
     errs = _table(doc, "Bias, standard deviation and RMSE")["rows"]
     assert len(errs) == 5 * 5 * 2  # targets x estimators x sizes
     assert any(s["passed"] for s in doc["sanity"])
+    try:  # the obp anchor (the ope extra): our IPS and cascade equal obp's on the same arrays
+        import obp  # noqa: F401
+    except ImportError:
+        return
+    anchor = [s for s in doc["sanity"] if "obp" in s["text"]]
+    assert anchor and all(s["passed"] for s in anchor), anchor
