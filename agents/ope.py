@@ -265,52 +265,38 @@ class PopularityTarget:
     """A Plackett-Luce popularity policy (:class:`simenv.PopularityPolicy`) as a target.
 
     ``q(i) = (1 - eps) w_i / Z + eps / N_released`` over released items (``w`` the policy's
-    popularity weights), ``pi(a_j | a_<j) = q(a_j) / (1 - sum_{l<j} q(a_l))``: e.g. the logging
-    policy with another exploration rate.
+    popularity weights), ``pi(a_j | a_<j) = q(a_j) / (1 - sum_{l<j} q(a_l))``
+    (:meth:`simenv.policies.LoggingPolicy.slate_propensities`): e.g. the logging policy with
+    another exploration rate.
 
     Args:
-        world: the world (the policy's weights and release times).
+        world: the world the policy serves.
         k: slate size.
         epsilon: its uniform share.
         seed: seed of the draws.
         beta: popularity exponent (as ``PopularityPolicy``).
+        name: label.
     """
 
     stochastic = True
 
     def __init__(
-        self,
-        world: Any,
-        k: int,
-        epsilon: float,
-        seed: int,
-        beta: float = 0.5,
+        self, world: Any, k: int, epsilon: float, seed: int, beta: float = 0.5,
         name: str | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         from simenv.policies import PopularityPolicy
 
         self.policy = PopularityPolicy(world, k, epsilon, seed, beta)
         self.k, self.eps = int(k), float(epsilon)
         self.name = name or f"popularity PL eps={epsilon:g}"
-        rel = np.asarray(world.items.release_time, dtype=np.float32)
-        self._w = world.items.popularity.astype(np.float64) ** beta
-        order = np.argsort(rel, kind="stable")
-        self._rel_sorted = rel[order]
-        self._cum_w = np.r_[0.0, np.cumsum(self._w[order])]
 
     def draw(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """A Plackett-Luce slate."""
         return self.policy.act(obs)[0]
 
     def conditional(self, obs: dict[str, np.ndarray], slates: np.ndarray) -> np.ndarray:
-        """The Plackett-Luce factors of ``q`` for the given slates."""
-        t = np.asarray(obs[Obs.CONTEXT])[:, 0].astype(np.float32)
-        n_rel = np.searchsorted(self._rel_sorted, t, side="right")  # (B,)
-        z = self._cum_w[n_rel]  # (B,) released weight
-        s = np.asarray(slates, dtype=np.int64)
-        q = (1.0 - self.eps) * self._w[s] / z[:, None] + self.eps / n_rel[:, None]
-        before = np.cumsum(q, axis=1) - q
-        return q / np.maximum(1.0 - before, 1e-12)
+        """The Plackett-Luce factors of the given slates."""
+        return self.policy.slate_propensities(obs, slates)
 
 
 # ---------------------------------------------------------------------------- click model

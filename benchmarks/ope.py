@@ -176,33 +176,32 @@ def run(cfg: OPEConfig, ctx: RunContext) -> None:
                 ranker.score(obs, ex.items[rows]), ex.labels[rows]
             )
         ctx.log(f"seed {seed}: ranker + generator + click model {t_m.seconds:.0f} s")
-        pop_w = world.items.popularity.astype(np.float64) ** 0.5
         targets = [
             DeterministicTarget(
                 MultiStagePipeline([Source(two_tower_generator(gen, data), cfg.quota)], ranker, k),
                 f"pipeline (two-tower K={cfg.quota} -> ranker)",
             ),
             DeterministicTarget(
-                PopularAgent(data.train_counts, world.items.release_time, k), "popular"
+                PopularAgent(data.train_counts, world.catalog.release_time, k), "popular"
             ),
             UniformTarget(
                 world.catalog.release_time, k, seed=ctx.seed_int(seed, "uniform"), name="random"
             ),
             EpsilonGreedyTarget(
-                pop_w,
+                data.train_counts,
                 world.catalog.release_time,
                 k,
                 0.5,
                 seed=ctx.seed_int(seed, "eg"),
-                name="epsilon-greedy over the logging weights (eps=0.5)",
-            ),  # fmt: skip
+                name="epsilon-greedy over logged popularity (eps=0.5)",
+            ),
             PopularityTarget(
                 world,
                 k,
                 epsilon=0.05,
                 seed=ctx.seed_int(seed, "pl"),
                 name="logging policy with eps=0.05",
-            ),  # fmt: skip
+            ),
         ]
         target_names = [t.name for t in targets]
         # ---- the evaluation log, with the truth at every logged state

@@ -267,7 +267,7 @@ def run(cfg: RLConfig, ctx: RunContext) -> None:
         # ---- 5. online evaluation: the same users for every agent
         base = {
             "random": RandomAgent(world, k, seed=seed),
-            "popular": PopularAgent(data.train_counts, world.items.release_time, k),
+            "popular": PopularAgent(data.train_counts, world.catalog.release_time, k),
             f"supervised softmax generator, K={cfg.quota}": _pipeline(
                 two_tower_generator(sup, data), ranker, k, cfg.quota, "supervised"
             ),

@@ -151,6 +151,29 @@ class LoggingPolicy:
         self.last_candidates = None
         return slates, prop.astype(np.float32)
 
+    def slate_propensities(self, obs: dict[str, np.ndarray], slates: np.ndarray) -> np.ndarray:
+        """Per-position Plackett-Luce propensities of given slates under this policy (B, k).
+
+        The factors ``act`` logs for its own slates, for any slates of released items (e.g.
+        another policy's, for off-policy evaluation with this policy as the target).
+        """
+        users = obs_users(obs)
+        t = observed_time(np.asarray(obs[Obs.CONTEXT])[:, 0])  # (B,) float32
+        s = np.asarray(slates, dtype=np.int64)
+        if s.ndim != 2 or s.shape[0] != users.shape[0]:
+            raise ValueError(f"slates must have shape ({users.shape[0]}, k), got {s.shape}")
+        seg = self._segment_of_users(users)
+        z_pi = self._cdf0[self._released_end(seg, t)] - self._cdf0[self._seg_start[seg]]  # (B,)
+        n_rel = np.searchsorted(self._release_sorted, t, side="right").astype(np.float64)
+        q = np.zeros(s.shape)
+        if self.epsilon < 1.0:
+            same = self._seg[s] == seg[:, None]
+            q += (1.0 - self.epsilon) * self._weight[s] * same / np.maximum(z_pi, 1e-300)[:, None]
+        q += self.epsilon / n_rel[:, None]
+        q = np.where(released(self._release[s], t[:, None]), q, 0.0)
+        before = np.cumsum(q, axis=1) - q
+        return q / np.maximum(1.0 - before, 1e-12)
+
     def _draw(self, start: np.ndarray, end: np.ndarray, n_rel: np.ndarray, m: int) -> np.ndarray:
         """Draw m items per row i.i.d. from q: pi over the released segment prefix, or uniform."""
         n = start.shape[0]

@@ -30,6 +30,11 @@ SMALL: dict[str, list[tuple[str, str]]] = {
         ("uniform=1024", "uniform=64"),
         ("TrainConfig(epochs=5)", "TrainConfig(epochs=1, batch_size=256, progress=False)"),
     ],
+    "from stable_baselines3 import PPO": [
+        ("n_users=300, seed=10", "n_users=60, seed=10"),
+        ("DummyVecEnv([make] * 8)", "DummyVecEnv([make] * 2)"),
+        ("model.learn(8192)", "model.learn(128)"),
+    ],
     "from retrieval.datasets import": [
         ("load_movielens_100k()", "load_movielens_100k(MOVIELENS_PATH, check_size=False)"),
         ("ds.n_items, history_length=50)", "ds.n_items, history_length=8)"),

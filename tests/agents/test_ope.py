@@ -40,7 +40,7 @@ def test_target_conditionals():
     obs, _ = env.reset(seed=1)
     w = env.world
     k = CFG.slate_size
-    pop = PopularAgent(w.items.popularity.astype(float), w.catalog.release_time, k)
+    pop = PopularAgent(w.items.popularity.astype(float), w.catalog.release_time, k)  # (a test)
     det = DeterministicTarget(pop, "popular")
     mine = det.draw(obs)
     other = mine.copy()
