@@ -97,7 +97,9 @@ def check_obs(obs: dict[str, np.ndarray], n_items: int) -> int:
     """
     for key in (Obs.ITEMS, Obs.EVENTS, Obs.DT, Obs.MASK, Obs.CONTEXT):
         if key not in obs:
-            raise ValueError(f"obs is missing key {key!r}; needs item_ids, events, dt, mask, context")
+            raise ValueError(
+                f"obs is missing key {key!r}; needs item_ids, events, dt, mask, context"
+            )
     items = np.asarray(obs[Obs.ITEMS])
     if items.ndim != 2:
         raise ValueError(
@@ -292,7 +294,7 @@ def first_occurrence(keys: torch.Tensor) -> torch.Tensor:
     """
     same = keys[:, :, None] == keys[:, None, :]  # (B, L, L, ...)
     length = keys.shape[1]
-    earlier = torch.ones(length, length, dtype=torch.bool).tril(-1)  # l' < l
+    earlier = torch.ones(length, length, dtype=torch.bool, device=keys.device).tril(-1)  # l' < l
     earlier = earlier.view(1, length, length, *([1] * (keys.dim() - 2)))
     dup = (same & earlier).any(dim=2)
     return torch.where(dup | (keys < 0), torch.full_like(keys, -1), keys)
@@ -356,6 +358,13 @@ class CrossFeatures:
         self.n_items = catalog.n_items
         self._csr: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def to(self, device: torch.device) -> CrossFeatures:
+        """Move the item tables to ``device`` (in place; :class:`ranking.model.Ranker` calls it)."""
+        self.keys = self.keys.to(device)
+        self.release = self.release.to(device)
+        self._csr = {j: (a.to(device), b.to(device)) for j, (a, b) in self._csr.items()}
+        return self
+
     # ------------------------------------------------------------------ layout
     @property
     def n_features(self) -> int:
@@ -402,11 +411,11 @@ class CrossFeatures:
         safe = torch.where(mask, items, torch.zeros_like(items))
         k = self.keys[safe].permute(0, 2, 1)  # (B, A, L)
         k = torch.where(mask[:, None, :], k, torch.full_like(k, -1))
-        feats = torch.zeros(b, a, length, len(ATTRIBUTE_FEATURES))
+        feats = torch.zeros(b, a, length, len(ATTRIBUTE_FEATURES), device=items.device)
         first = k
         if a:
             same = k[:, :, :, None] == k[:, :, None, :]  # (B, A, L, L')
-            earlier = torch.ones(length, length, dtype=torch.bool).tril(-1)  # l' < l
+            earlier = torch.ones(length, length, dtype=torch.bool, device=items.device).tril(-1)
             first = torch.where((same & earlier).any(dim=-1) | (k < 0), torch.full_like(k, -1), k)
             long = f64(torch.exp2, -dt / self.long_half_life) * m
             raw_w = torch.stack([m, like, dislike, short, long, recent], dim=-1)  # (B, L, 6)
@@ -431,7 +440,9 @@ class CrossFeatures:
         that are not in the history.
         """
         b, length = tables.items.shape
-        out = torch.zeros(b, self.cardinalities[j], len(ATTRIBUTE_FEATURES))
+        out = torch.zeros(
+            b, self.cardinalities[j], len(ATTRIBUTE_FEATURES), device=tables.items.device
+        )
         keys = tables.first_keys[:, :, j]  # (B, L)
         bb, ll = (keys >= 0).nonzero(as_tuple=True)
         out[bb, keys[bb, ll] - self.offsets[j]] = tables.slot_features[bb, j, ll]
@@ -444,10 +455,14 @@ class CrossFeatures:
         (offset id ``self.offsets[j] + v``), in increasing order.
         """
         if j not in self._csr:
-            v = (self.keys[:, j] - self.offsets[j]).numpy()
+            v = (self.keys[:, j] - self.offsets[j]).cpu().numpy()
             order = np.argsort(v, kind="stable")
             starts = np.searchsorted(v[order], np.arange(self.cardinalities[j] + 1))
-            self._csr[j] = (torch.from_numpy(starts.astype(np.int64)), torch.from_numpy(order))
+            dev = self.keys.device
+            self._csr[j] = (
+                torch.from_numpy(starts.astype(np.int64)).to(dev),
+                torch.from_numpy(order).to(dev),
+            )
         return self._csr[j]
 
     def log_age(self, time: torch.Tensor, release: torch.Tensor) -> torch.Tensor:
@@ -487,14 +502,14 @@ class CrossFeatures:
         """
         if not self.use_item:
             return None
-        out = torch.empty(*tables.items.shape, len(ITEM_FEATURES))
+        out = torch.empty(*tables.items.shape, len(ITEM_FEATURES), device=tables.items.device)
         self._item_block(tables, tables.items.clamp_min(0), out)
         return out
 
     def pairs(self, tables: UserTables, cand: torch.Tensor) -> torch.Tensor:
         """Cross features (B, K, F) of candidates ``cand`` (B, K) (valid ids only)."""
         b, k = cand.shape
-        out = torch.zeros(b, k, self.n_features)
+        out = torch.zeros(b, k, self.n_features, device=cand.device)
         nf = len(ATTRIBUTE_FEATURES)
         for j in range(len(self.attributes)):
             r, c, slot = self.match(tables, j, cand)
@@ -522,7 +537,7 @@ class CrossFeatures:
         """
         b = tables.items.shape[0]
         n = stop - start
-        out = torch.empty(b, n, self.n_features)
+        out = torch.empty(b, n, self.n_features, device=tables.items.device)
         nf = len(ATTRIBUTE_FEATURES)
         for j in range(len(self.attributes)):
             table = self.value_table(tables, j)  # (B, C_j, 7)

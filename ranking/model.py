@@ -48,7 +48,14 @@ matmuls through a constant unit (the inference vector is ``[x0, 1]``, width ``hi
 
 **Exactness.** :meth:`Ranker.score` (candidates) and :meth:`Ranker.score_all` (whole catalog)
 perform the same float operations on the same values for a pair (transcendental functions of
-pair values are computed in float64 and rounded once), so they agree bitwise (tested).
+pair values are computed in float64 and rounded once), so they agree bitwise (tested). That guarantee is about CPU BLAS kernels and float32: on a
+GPU, or in bfloat16, both methods take the generic path (:meth:`Ranker.set_scoring`), the pair
+network in its differentiable form over large blocks of pairs, where they agree within float32
+rounding (tested on the CPU with the generic path forced).
+
+**Devices.** ``ranker.to(device)`` moves the weights, the catalog's arrays and the cross-feature
+tables; :func:`ranking.train.train_ranker` does it for its ``device`` option. Observations
+arrive as numpy, move to the device in one place (``_prepare``) and scores return as numpy.
 """
 
 from __future__ import annotations
@@ -74,6 +81,9 @@ from ranking.features import (
     f64,
     first_occurrence,
 )
+from simenv.arrays import check_item_ids
+from simenv.config import check_range as _check
+from simenv.device import autocast, check_precision, to_device
 from simenv.types import EventType, ItemCatalog, Obs
 
 __all__ = ["HEADS", "RankerConfig", "Ranker", "benchmark_score_all"]
@@ -86,15 +96,6 @@ _TABLE_BUDGET = 1 << 23  # floats of per-row joint tables held at once (rows are
 # scores independent of the batch around them and the two scoring paths bitwise equal
 _MIN_OUT = 4
 _MIN_ROWS = 64
-
-
-def _check(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if integer:
-        ok = ok and isinstance(value, int)
-    if not ok or not math.isfinite(float(value)) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} in [{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -228,9 +229,12 @@ def _buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...])
 
 
 def _pad_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (M, K) with zero rows appended up to ``_MIN_ROWS`` (unchanged if M is larger)."""
+    """``x`` (M, K) with zero rows appended up to ``_MIN_ROWS`` (unchanged if M is larger).
+
+    CPU only (the bitwise guarantee is about CPU BLAS kernels); other devices get ``x``.
+    """
     m = x.shape[0]
-    if m >= _MIN_ROWS:
+    if m >= _MIN_ROWS or x.device.type != "cpu":
         return x
     return torch.cat([x, x.new_zeros(_MIN_ROWS - m, *x.shape[1:])], dim=0)
 
@@ -381,6 +385,8 @@ class Ranker(nn.Module):
         # training-log counts (impressions, clicks, likes, dislikes, watch): saved with the model
         self.register_buffer("stat_counts", torch.zeros(5, self.n_items, dtype=torch.float64))
         self._cache: tuple[Any, torch.Tensor] | None = None
+        self._precision = "fp32"
+        self._scoring_path = "auto"
         self.reset_parameters(c.seed)
         self.set_statistics(
             ItemStatistics.empty(self.n_items) if statistics is None else statistics
@@ -404,6 +410,53 @@ class Ranker(nn.Module):
             key = key * cf.cardinalities[ia] + (cf.keys[:, ia] - cf.offsets[ia])
         self._joint_size = prod
         return frozenset(dense), key
+
+    # ------------------------------------------------------------------ device
+    @property
+    def device(self) -> torch.device:
+        """Where the ranker lives (``ranker.to(device)`` moves it; scoring runs there)."""
+        return self.release_time.device
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Ranker:
+        # .to / .cuda / .cpu: the cross-feature tables and the joint keys follow the buffers
+        super()._apply(fn, recurse)
+        self.crosses.to(self.device)
+        self._joint_key = self._joint_key.to(self.device)
+        self.invalidate_cache()
+        return self
+
+    def set_scoring(self, precision: str = "fp32", path: str = "auto") -> Ranker:
+        """How :meth:`score`, :meth:`score_all`, :meth:`head_outputs` and :meth:`top_k` run.
+
+        Args:
+            precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast of the generic path's
+                matmuls; the item cache stays float32).
+            path: ``"fast"``, the bitwise CPU fast path (see the module docstring; CPU and
+                fp32 only); ``"generic"``, the pair network in its differentiable form over
+                blocks of pairs, on any device (score and score_all agree within float32
+                rounding, not bitwise: measured max difference about 1e-6 of the score scale,
+                tested within 1e-4 relative); ``"auto"`` (default): fast on the CPU in fp32,
+                generic elsewhere.
+
+        Returns:
+            ``self``.
+        """
+        check_precision("precision", precision)
+        if path not in ("auto", "fast", "generic"):
+            raise ValueError(f"path must be 'auto', 'fast' or 'generic', got {path!r}")
+        self._precision = precision
+        self._scoring_path = path
+        return self
+
+    def _fast(self) -> bool:
+        """Whether scoring takes the bitwise CPU fast path (see :meth:`set_scoring`)."""
+        cpu_fp32 = self.device.type == "cpu" and self._precision == "fp32"
+        if self._scoring_path == "fast" and not cpu_fp32:
+            raise ValueError(
+                f"the fast scoring path runs on the CPU in fp32 only; this ranker is on "
+                f"{self.device} in {self._precision} (set_scoring(path='generic') or 'auto')"
+            )
+        return cpu_fp32 and self._scoring_path != "generic"
 
     # ------------------------------------------------------------------ parameters
     def reset_parameters(self, seed: int) -> None:
@@ -470,7 +523,7 @@ class Ranker(nn.Module):
     @property
     def statistics(self) -> ItemStatistics:
         """The item statistics in use (a copy, with the config's ``stats_prior``)."""
-        c = self.stat_counts.numpy().copy()
+        c = self.stat_counts.cpu().numpy().copy()
         return ItemStatistics(c[0], c[1], c[2], c[3], c[4], self.config.stats_prior)
 
     # ------------------------------------------------------------------ cache
@@ -497,10 +550,11 @@ class Ranker(nn.Module):
         """(N, H) item side in the inference layout ``[I_n, 0 (age), 0 (constant unit)]``."""
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                stats = torch.from_numpy(self.statistics.features())
-                vec = self._item_side(torch.arange(self.n_items), stats)  # (N, d_proj)
-                padded = torch.zeros(self.n_items, self.config.hidden)
+            dev = self.device
+            with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # float32 cache
+                stats = torch.from_numpy(self.statistics.features()).to(dev)
+                vec = self._item_side(torch.arange(self.n_items, device=dev), stats)  # (N, d_p)
+                padded = torch.zeros(self.n_items, self.config.hidden, device=dev)
                 padded[:, : self.proj_dim] = vec
             self._cache = (key, padded)
         return self._cache[1]
@@ -519,6 +573,8 @@ class Ranker(nn.Module):
         """
         w, b = lin.weight, lin.bias
         m, n_out = x.shape[0], w.shape[0]
+        if x.device.type != "cpu":
+            return lin(x)
         if n_out < _MIN_OUT:
             w = torch.cat([w, w.new_zeros(_MIN_OUT - n_out, w.shape[1])], dim=0)
             b = None if b is None else torch.cat([b, b.new_zeros(_MIN_OUT - n_out)])
@@ -740,7 +796,8 @@ class Ranker(nn.Module):
         """
         b, k = items.shape
         if item_stats is None:
-            item_stats = torch.from_numpy(self.statistics.features(items.numpy()))
+            feats = self.statistics.features(items.cpu().numpy())
+            item_stats = torch.from_numpy(feats).to(items.device)
         hist = torch.where(obs[Obs.MASK] > 0, obs[Obs.ITEMS], torch.zeros_like(obs[Obs.ITEMS]))
         both = self.content_of(torch.cat([hist, items], dim=1))  # (B, L + K, D)
         u = self._user_side(obs, both[:, : hist.shape[1]])  # (B, d_proj)
@@ -762,7 +819,7 @@ class Ranker(nn.Module):
 
     def _prepare(self, obs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         check_obs(obs, self.n_items)
-        return _obs_to_torch(obs)
+        return to_device(_obs_to_torch(obs), self.device)  # the one move to the device
 
     @torch.no_grad()
     def head_outputs(self, obs: dict[str, np.ndarray], candidates: np.ndarray) -> np.ndarray:
@@ -777,8 +834,9 @@ class Ranker(nn.Module):
         """Scores (B, K) float32 of candidate items (B, K) int64.
 
         ``-inf`` for padding (-1) and for items not released at the query time
-        ``obs["context"][:, 0]``. No grad, batched, deterministic, and bitwise equal to the
-        same items' entries of :meth:`score_all`.
+        ``obs["context"][:, 0]``. No grad, batched, deterministic; on the CPU fast path bitwise
+        equal to the same items' entries of :meth:`score_all` (on the generic path, within
+        float32 rounding: see :meth:`set_scoring`).
         """
         return self._candidates(obs, candidates, combine=True)
 
@@ -787,21 +845,29 @@ class Ranker(nn.Module):
     ) -> np.ndarray:
         ot = self._prepare(obs)
         b = ot[Obs.ITEMS].shape[0]
-        cand = np.asarray(candidates)
-        if cand.ndim != 2 or cand.shape[0] != b or not np.issubdtype(cand.dtype, np.integer):
-            raise ValueError(
-                f"candidates must be an int array of shape ({b}, K), got shape {cand.shape} "
-                f"and dtype {cand.dtype}"
-            )
-        if cand.size and (cand.min() < -1 or cand.max() >= self.n_items):
-            raise ValueError(
-                f"candidates must be item ids in [0, {self.n_items - 1}] or -1 (padding), got "
-                f"values in [{cand.min()}, {cand.max()}]"
-            )
+        cand = check_item_ids("candidates", candidates, self.n_items, padding=True, ndim=2)
+        if cand.shape[0] != b:
+            raise ValueError(f"candidates must have shape ({b}, K), got shape {cand.shape}")
         k = cand.shape[1]
-        ct = torch.from_numpy(cand.astype(np.int64))
+        ct = torch.from_numpy(cand).to(self.device)
         valid = ct >= 0
         safe = torch.where(valid, ct, torch.zeros_like(ct))
+        width = 1 if combine else self.n_heads
+        if not self._fast():
+            out = self._candidates_generic(ot, safe, combine)
+        else:
+            out = self._candidates_fast(ot, safe, combine)
+        t = ot[Obs.CONTEXT][:, 0]
+        bad = ~valid | (self.release_time[safe] > t[:, None])
+        out[bad] = -math.inf if combine else math.nan
+        res = out.view(b, k, width).cpu().numpy()
+        return res[..., 0] if combine else res
+
+    def _candidates_fast(
+        self, ot: dict[str, torch.Tensor], safe: torch.Tensor, combine: bool
+    ) -> torch.Tensor:
+        """(B, K, width) raw outputs of valid candidates ``safe`` (B, K): the CPU fast path."""
+        b, k = safe.shape
         vec = self._item_cache()  # (N, H)
         layers = self._fast_weights()
         width = 1 if combine else self.n_heads
@@ -820,11 +886,59 @@ class Ranker(nn.Module):
                 heads = self._pair_net_fast(x0, layers, buffers)
                 res = self.combine(heads)[:, None] if combine else heads
                 out[s + r0 : s + r1] = res.view(r1 - r0, k, width)
-        t = ot[Obs.CONTEXT][:, 0]
-        bad = ~valid | (self.release_time[safe] > t[:, None])
-        out[bad] = -math.inf if combine else math.nan
-        res = out.numpy()
-        return res[..., 0] if combine else res
+        return out
+
+    def _pair_block(
+        self,
+        u: torch.Tensor,
+        i: torch.Tensor,
+        cross: torch.Tensor | None,
+        combine: bool,
+    ) -> torch.Tensor:
+        """Generic path: outputs (r, n, width) float32 of r rows x n items.
+
+        Args:
+            u: U (r, d_proj) of the rows.
+            i: I (r, n, d_proj) or (n, d_proj) of the items (broadcast over rows).
+            cross: cross features (r, n, F) or None.
+            combine: one combined score (width 1) or the raw heads.
+        """
+        r, n = cross.shape[:2] if cross is not None else (u.shape[0], i.shape[-2])
+        ui = u[:, None, :].expand(r, n, -1).reshape(r * n, -1)  # (r n, d_proj)
+        ii = i.expand(r, n, -1).reshape(r * n, -1)
+        x0 = self.pair_vectors(ui, ii, None if cross is None else cross.reshape(r * n, -1))
+        heads = self._pair_net(x0).float()  # (r n, n_heads)
+        res = self.combine(heads)[:, None] if combine else heads
+        return res.view(r, n, -1)
+
+    def _block_pairs(self) -> int:
+        """Pairs per block of the generic path (larger blocks on accelerators)."""
+        c = self.config.chunk_pairs
+        return c if self.device.type == "cpu" else max(c, 1 << 20)
+
+    def _candidates_generic(
+        self, ot: dict[str, torch.Tensor], safe: torch.Tensor, combine: bool
+    ) -> torch.Tensor:
+        """(B, K, width) outputs of valid candidates ``safe`` (B, K): the generic path.
+
+        The pair network in its differentiable form (:meth:`forward`'s functions) over blocks
+        of rows, with the cached item side; runs on any device and precision.
+        """
+        b, k = safe.shape
+        vec = self.item_vectors()  # (N, d_proj), float32
+        width = 1 if combine else self.n_heads
+        out = torch.empty(b, k, width, device=self.device)
+        step = max(1, self._block_pairs() // max(k, 1))
+        with autocast(self.device, self._precision):
+            for s in range(0, b, step):
+                o = _rows(ot, slice(s, min(b, s + step)))
+                cand = safe[s : s + step]  # (r, K)
+                u = self._user_side(o)  # (r, d_proj)
+                cross = None
+                if self.crosses.n_features:
+                    cross = self.crosses.pairs(self.crosses.user_tables(o), cand)  # (r, K, F)
+                out[s : s + step] = self._pair_block(u, vec[cand], cross, combine)
+        return out
 
     @torch.no_grad()
     def score_all(self, obs: dict[str, np.ndarray]) -> np.ndarray:
@@ -834,6 +948,40 @@ class Ranker(nn.Module):
         path (see the module docstring and :func:`benchmark_score_all`).
         """
         ot = self._prepare(obs)
+        if not self._fast():
+            out = self._score_all_generic(ot)
+        else:
+            out = self._score_all_fast(ot)
+        t = ot[Obs.CONTEXT][:, 0]
+        out.masked_fill_(self.release_time[None, :] > t[:, None], -math.inf)
+        return out.cpu().numpy()
+
+    def _score_all_generic(self, ot: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, N) scores of the whole catalog by the generic path (any device, precision)."""
+        b = ot[Obs.ITEMS].shape[0]
+        n = self.n_items
+        vec = self.item_vectors()  # (N, d_proj)
+        out = torch.empty(b, n, device=self.device)
+        pairs = self._block_pairs()
+        rows = max(1, min(b, 256))
+        with autocast(self.device, self._precision):
+            for s in range(0, b, rows):
+                o = _rows(ot, slice(s, min(b, s + rows)))
+                nr = o[Obs.ITEMS].shape[0]
+                u = self._user_side(o)  # (r, d_proj)
+                tables = self.crosses.user_tables(o) if self.crosses.n_features else None
+                hv = self.crosses.history_values(tables) if tables is not None else None
+                width = max(1, pairs // nr)
+                for i0 in range(0, n, width):
+                    i1 = min(n, i0 + width)
+                    cross = None
+                    if tables is not None:
+                        cross = self.crosses.catalog(tables, i0, i1, hv)  # (r, n, F)
+                    out[s : s + nr, i0:i1] = self._pair_block(u, vec[i0:i1], cross, True)[..., 0]
+        return out
+
+    def _score_all_fast(self, ot: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, N) scores of the whole catalog by the bitwise CPU fast path."""
         b = ot[Obs.ITEMS].shape[0]
         n = self.n_items
         vec = self._item_cache()  # (N, H)
@@ -852,9 +1000,7 @@ class Ranker(nn.Module):
                 self._assemble_catalog(ctx, touched, i0, i1, vec, x0)
                 heads = self._pair_net_fast(x0, layers, buffers)
                 out[s : s + nr, i0:i1] = self.combine(heads).view(nr, i1 - i0)
-        t = ot[Obs.CONTEXT][:, 0]
-        out.masked_fill_(self.release_time[None, :] > t[:, None], -math.inf)
-        return out.numpy()
+        return out
 
     # ------------------------------------------------------------------ fast-path assembly
     def _row_context(self, obs: dict[str, torch.Tensor]) -> _RowContext:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import time
@@ -35,7 +33,15 @@ from tqdm.auto import tqdm
 
 from ranking.features import ItemStatistics
 from ranking.model import Ranker, RankerConfig, _obs_to_torch
-from simenv.atomic import atomic_write
+from simenv.checkpoint import (
+    catalog_fingerprint,
+    check_weights,
+    load_checkpoint,
+    payload_digest,
+    save_checkpoint,
+)
+from simenv.config import check_range as _check
+from simenv.device import autocast, check_device, check_precision, resolve_device, to_device
 from simenv.history import EventSequences, impression_examples, take_obs
 from simenv.log import ImpressionLog
 from simenv.types import Columns, EventType, ItemCatalog
@@ -57,16 +63,6 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "ranking.Ranker"
-CHECKPOINT_VERSION = 2  # 2: a SHA-256 of config, weights and extra (1: read without it)
-
-
-def _check(name: str, value: Any, low: float, high: float, integer: bool = False) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    if integer:
-        ok = ok and isinstance(value, int)
-    if not ok or not math.isfinite(float(value)) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind} in [{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +88,11 @@ class RankerTrainConfig:
         max_slates_per_epoch: cap on slates drawn per epoch (None: all).
         eval_batch_size: slates per scoring call during validation.
         threads: ``torch.set_num_threads`` during training (None: leave as is).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (see :mod:`simenv.device`):
+            the ranker is moved there and stays there (its scoring runs there too; results
+            come back as numpy).
+        precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast of the training forward;
+            weights and optimiser state stay float32).
         seed: seed of the shuffles.
         progress: show a tqdm bar.
         checkpoint_dir: write ``ranker.pt`` there (atomically) whenever validation improves
@@ -114,11 +115,15 @@ class RankerTrainConfig:
     max_slates_per_epoch: int | None = None
     eval_batch_size: int = 2048
     threads: int | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
     seed: int = 0
     progress: bool = True
     checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
+        check_device("device", self.device)
+        check_precision("precision", self.precision)
         _check("epochs", self.epochs, 1, 1_000_000, integer=True)
         _check("batch_size", self.batch_size, 1, 10_000_000, integer=True)
         _check("lr", self.lr, 1e-12, 10.0)
@@ -313,18 +318,30 @@ def evaluate_ranker(ranker: Ranker, data: SlateData, batch_size: int = 2048) -> 
 
 
 # ---------------------------------------------------------------------------- training
-def _batch_loss(
-    ranker: Ranker, data: SlateData, rows: np.ndarray, config: RankerTrainConfig
-) -> torch.Tensor:
-    obs = _obs_to_torch(take_obs(data.obs, rows))
+def _batch_tensors(
+    stats: ItemStatistics, data: SlateData, rows: np.ndarray, config: RankerTrainConfig
+) -> dict[str, Any]:
+    """The tensors of one training batch, on the CPU (numpy in, torch out)."""
     items = data.items[rows]
     clicked, liked = data.clicked[rows], data.liked[rows]
     disliked, watch = data.disliked[rows], data.watch[rows]
-    stats = ranker.statistics
     exclude = (clicked, liked, disliked, watch) if config.leave_one_out else None
-    item_stats = torch.from_numpy(stats.features(items, exclude=exclude))
-    out = ranker(obs, torch.from_numpy(items), item_stats)  # (b, k, n_heads)
-    y = torch.from_numpy(clicked)
+    return {
+        "obs": _obs_to_torch(take_obs(data.obs, rows)),
+        "items": torch.from_numpy(items),  # (b, k)
+        "item_stats": torch.from_numpy(stats.features(items, exclude=exclude)),
+        "clicked": torch.from_numpy(clicked),  # (b, k)
+        "liked": torch.from_numpy(liked),
+        "disliked": torch.from_numpy(disliked),
+        "watch": torch.from_numpy(watch),
+    }
+
+
+def _batch_loss(ranker: Ranker, batch: dict[str, Any], config: RankerTrainConfig) -> torch.Tensor:
+    """The training loss of one batch (tensors already on the ranker's device)."""
+    out = ranker(batch["obs"], batch["items"], batch["item_stats"])  # (b, k, n_heads)
+    out = out.float()  # bf16 autocast: the losses in float32
+    y = batch["clicked"]
     click_logit = out[..., 0]
     loss = out.new_zeros(())
     if config.pointwise_weight:
@@ -335,11 +352,11 @@ def _batch_loss(
         for j, name in enumerate(ranker.config.heads[1:], start=1):
             o = out[..., j]
             if name == "like":
-                extra = pointwise_bce(o, torch.from_numpy(liked), y)  # like given click
+                extra = pointwise_bce(o, batch["liked"], y)  # like given click
             elif name == "dislike":
-                extra = pointwise_bce(o, torch.from_numpy(disliked), y)
+                extra = pointwise_bce(o, batch["disliked"], y)
             else:  # watch: log(1 + minutes) given click, squared error
-                target = torch.log1p(torch.from_numpy(watch))
+                target = torch.log1p(batch["watch"])
                 extra = ((o - target) ** 2 * y).sum() / y.sum().clamp_min(1.0)
             loss = loss + config.head_weight * extra
     return loss
@@ -382,11 +399,13 @@ def train_ranker(
         raise ValueError(f"config must be a RankerTrainConfig, got {type(config).__name__}")
     if len(train_log) == 0:
         raise ValueError("train_log has no rows")
+    device = resolve_device(config.device)
     before_threads = torch.get_num_threads()
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     try:
-        return _train(ranker, train_log, sequences, config, valid_log)
+        ranker.to(device)
+        return _train(ranker, train_log, sequences, config, valid_log, device)
     finally:
         torch.set_num_threads(before_threads)
 
@@ -397,11 +416,13 @@ def _train(
     sequences: EventSequences,
     config: RankerTrainConfig,
     valid_log: ImpressionLog | None,
+    device: torch.device,
 ) -> TrainHistory:
     t_start = time.perf_counter()
     ranker.set_statistics(
         ItemStatistics.from_log(train_log, ranker.n_items, ranker.config.stats_prior)
     )
+    stats = ranker.statistics  # a host copy, read by every batch
     train = slate_data(train_log, sequences, config.history_length)
     valid = (
         slate_data(valid_log, sequences, config.history_length)
@@ -426,17 +447,20 @@ def _train(
         total, count = 0.0, 0
         for s in range(0, n_per_epoch, config.batch_size):
             rows = perm[s : s + config.batch_size]
-            loss = _batch_loss(ranker, train, rows, config)
+            # the one place where a batch moves to the device
+            batch = to_device(_batch_tensors(stats, train, rows, config), device)
+            with autocast(device, config.precision):
+                loss = _batch_loss(ranker, batch, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(ranker.parameters(), config.grad_clip)
             opt.step()
-            total += float(loss.detach()) * rows.size
+            total += loss.detach() * rows.size  # on the device: no sync per step
             count += rows.size
             slates_seen += rows.size
             bar.update(1)
-        hist.train_loss.append(total / max(count, 1))
+        hist.train_loss.append(float(total) / max(count, 1))
         ranker.eval()
         improved = True
         if valid is not None:
@@ -484,133 +508,71 @@ def _train(
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def catalog_fingerprint(catalog: ItemCatalog) -> dict[str, Any]:
-    """Sizes and a SHA-256 of the catalog's arrays: a checkpoint belongs to one catalog."""
-    h = hashlib.sha256()
-    for a in (catalog.title_tokens, catalog.categorical, catalog.release_time):
-        arr = np.ascontiguousarray(a)
-        h.update(str(arr.dtype).encode())
-        h.update(str(arr.shape).encode())
-        h.update(arr.tobytes())
-    return {
-        "n_items": catalog.n_items,
-        "vocab_size": int(catalog.vocab_size),
-        "categorical_names": list(catalog.categorical_names),
-        "categorical_cardinalities": [int(c) for c in catalog.categorical_cardinalities],
-        "sha256": h.hexdigest(),
-    }
-
-
 def save_ranker(
     ranker: Ranker, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
 ) -> Path:
     """Write the ranker (weights, statistics, config, catalog fingerprint) atomically.
 
-    The file appears complete or not at all: it is written to a temporary file in the same
-    folder, flushed, and renamed over ``path`` with ``os.replace``.
+    The project's one checkpoint format (:mod:`simenv.checkpoint`, format ``"ranking.Ranker"``):
+    the file appears complete or not at all, and :func:`load_ranker` reads it with
+    ``torch.load(weights_only=True)``.
     """
-    path = Path(path)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": ranker.config.to_dict(),
-        "catalog": catalog_fingerprint(ranker.catalog),
-        "state_dict": ranker.state_dict(),
-        "extra": extra or {},
-    }
-    payload["sha256"] = _payload_digest(payload)
-    return atomic_write(path, lambda f: torch.save(payload, f))
-
-
-def _payload_digest(payload: dict[str, Any]) -> str:
-    """SHA-256 of a checkpoint's config, catalog fingerprint, weights and extra.
-
-    ``torch.load`` does not check the zip's CRCs: a damaged byte in a tensor loads silently as
-    another weight. This digest, stored in the file and recomputed on load, catches it.
-    """
-    h = hashlib.sha256()
-    for key in ("config", "catalog", "extra"):
-        h.update(json.dumps(payload[key], sort_keys=True, default=repr).encode())
-    state = payload["state_dict"]
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return save_checkpoint(
+        path,
+        CHECKPOINT_FORMAT,
+        ranker.state_dict(),
+        ranker.config.to_dict(),
+        catalog=ranker.catalog,
+        extra=extra,
+    )
 
 
 def load_ranker(
-    path: str | os.PathLike[str], catalog: ItemCatalog
+    path: str | os.PathLike[str], catalog: ItemCatalog, device: str = "cpu"
 ) -> tuple[Ranker, dict[str, Any]]:
     """Read a checkpoint of :func:`save_ranker` for ``catalog``; returns ``(ranker, extra)``.
 
     Loads with ``weights_only=True`` (no code runs from the file) and checks everything
-    before use: the format and version, the SHA-256 of config, weights and extra saved with
-    them (``torch.load`` itself does not notice a damaged byte inside a tensor), the catalog
-    fingerprint, and every weight's name, dtype, shape and finiteness against the config.
+    before use (:func:`simenv.checkpoint.load_checkpoint`): the format and version, the
+    SHA-256 of config, weights and extra saved with them (``torch.load`` itself does not
+    notice a damaged byte inside a tensor), the catalog fingerprint; then every weight's name,
+    dtype, shape and finiteness against the config (:func:`simenv.checkpoint.check_weights`).
+
+    Args:
+        path: the file.
+        catalog: the catalog the ranker was saved for.
+        device: where the loaded ranker lives (see :mod:`simenv.device`).
 
     Raises:
+        FileNotFoundError: no file at ``path``.
         ValueError: not a ranker checkpoint, another format version, damaged or truncated,
             or saved for another catalog.
     """
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(
-            f"{path} is not a readable ranker checkpoint: {type(e).__name__}: {e}"
-        ) from e
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a ranker checkpoint")
-    if payload.get("version") not in (1, CHECKPOINT_VERSION):
-        raise ValueError(
-            f"{path} has ranker checkpoint version {payload.get('version')}, this code reads "
-            f"versions 1 and {CHECKPOINT_VERSION}"
-        )
+    check_device("device", device)
+    payload = load_checkpoint(path, CHECKPOINT_FORMAT, catalog)
     try:
         ranker = _ranker_from_payload(path, payload, catalog)
     except ValueError:
         raise
     except (KeyError, TypeError, AttributeError, RuntimeError) as e:  # a field of another type
         raise ValueError(f"{path} is a damaged ranker checkpoint: {type(e).__name__}: {e}") from e
+    ranker.to(resolve_device(device))
     return ranker, payload["extra"]
 
 
-def _ranker_from_payload(path: Path, payload: dict[str, Any], catalog: ItemCatalog) -> Ranker:
-    """Check a loaded checkpoint's fields (see :func:`load_ranker`) and build its ranker."""
-    for key, kind in (("config", dict), ("catalog", dict), ("state_dict", dict), ("extra", dict)):
-        if not isinstance(payload.get(key), kind):
-            raise ValueError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
-    if payload["version"] >= 2 and payload.get("sha256") != _payload_digest(payload):
-        raise ValueError(
-            f"{path} is damaged: its weights, config or extra do not match the SHA-256 saved "
-            "with them"
-        )
-    fp = catalog_fingerprint(catalog)
-    if payload["catalog"] != fp:
-        saved = payload["catalog"]
-        raise ValueError(
-            f"{path} was saved for another catalog ({saved.get('n_items')} items, "
-            f"sha256 {str(saved.get('sha256'))[:12]}...), not this one ({fp['n_items']} "
-            f"items, sha256 {fp['sha256'][:12]}...)"
-        )
+def _ranker_from_payload(
+    path: str | os.PathLike[str], payload: dict[str, Any], catalog: ItemCatalog
+) -> Ranker:
+    """Build the ranker of a checked payload (see :func:`load_ranker`)."""
+    for key in ("config", "catalog"):  # a ranker checkpoint always has both
+        if not isinstance(payload[key], dict):
+            raise ValueError(f"{path}: field {key!r} is missing or not a dict")
     ranker = Ranker(catalog, RankerConfig.from_dict(payload["config"]))
-    want, got = ranker.state_dict(), payload["state_dict"]
-    if set(want) != set(got):
-        missing, unknown = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        raise ValueError(f"{path}: weights missing {missing}, unknown {unknown}")
-    for name, ref in want.items():
-        t = got[name]
-        if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
-            what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t)
-            raise ValueError(
-                f"{path}: weight {name!r} is {what}, this config needs {ref.dtype} "
-                f"{tuple(ref.shape)}"
-            )
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"{path}: weight {name!r} holds NaN or infinite values")
-    ranker.load_state_dict(got)
+    check_weights(path, ranker.state_dict(), payload["state_dict"])
+    ranker.load_state_dict(payload["state_dict"])
     ranker.eval()
     return ranker
+
+
+# the digest of the one checkpoint format (kept importable here for the ranker's fuzz tests)
+_payload_digest = payload_digest

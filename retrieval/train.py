@@ -38,10 +38,11 @@ from retrieval.frequency import CountMinSketch, ExactItemFrequency
 from retrieval.losses import RetrievalLossConfig, build_loss
 from retrieval.model import TwoTowerModel
 from retrieval.towers.item import IDItemTower
-from simenv.atomic import atomic_write
+from simenv.checkpoint import load_checkpoint as load_checkpoint_file
+from simenv.checkpoint import save_checkpoint as save_checkpoint_file
 from simenv.clock import released
 from simenv.log import ImpressionLog
-from simenv.types import Obs, obs_users
+from simenv.types import ItemCatalog, Obs, obs_users
 
 __all__ = [
     "TrainConfig",
@@ -224,32 +225,53 @@ def evaluate_recall(
     return total / len(ev)
 
 
+CHECKPOINT_FORMAT = "retrieval.TwoTowerModel"
+
+
 def save_checkpoint(
-    model: nn.Module, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    extra: dict[str, Any] | None = None,
+    catalog: ItemCatalog | None = None,
 ) -> Path:
-    """``torch.save`` the state dict with the model's config, atomically (temp + rename)."""
-    path = Path(path)
+    """Write the model's weights and config atomically, in the project's checkpoint format.
+
+    One format for every model (:mod:`simenv.checkpoint`, here ``"retrieval.TwoTowerModel"``):
+    read back by :func:`load_checkpoint` with ``torch.load(weights_only=True)``.
+
+    Args:
+        model: the model (its ``config``, a dataclass, is stored as plain data).
+        path: the file.
+        extra: plain data stored beside (epoch, metrics).
+        catalog: the catalog the model was built for (its fingerprint is stored and checked
+            on load), or None.
+    """
     cfg = getattr(model, "config", None)
-    payload = {
-        "state_dict": model.state_dict(),
-        "config": dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None,
-        "extra": extra or {},
-    }
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    config = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else None
+    return save_checkpoint_file(
+        path, CHECKPOINT_FORMAT, model.state_dict(), config, catalog=catalog, extra=extra
+    )
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` into ``model``; returns its payload."""
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"no checkpoint at {path}")
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike[str], catalog: ItemCatalog | None = None
+) -> dict[str, Any]:
+    """Load a checkpoint of :func:`save_checkpoint` into ``model``; returns its payload.
+
+    The file is read with ``torch.load(weights_only=True)`` (no code runs from it); its format,
+    version and (with ``catalog``) catalog are checked, and the weights are copied to the
+    model's device.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: unreadable or foreign file, another version or catalog, or weights that do
+            not fit ``model``.
+    """
+    payload = load_checkpoint_file(path, CHECKPOINT_FORMAT, catalog)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling error means a bad file
-        raise ValueError(f"{path} is not a readable checkpoint: {type(e).__name__}: {e}") from e
-    if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise ValueError(f"{path} is not a checkpoint written by save_checkpoint")
-    model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:  # missing / unexpected keys, other shapes
+        raise ValueError(f"{path} does not fit this model: {e}") from e
     return payload
 
 

@@ -139,7 +139,8 @@ def test_training_loss_uses_leave_one_out_statistics(small, monkeypatch):
 
     monkeypatch.setattr(Ranker, "forward", spy)
     rows = np.arange(0, 64)
-    rt._batch_loss(ranker, data, rows, RankerTrainConfig(history_length=16))
+    cfg = RankerTrainConfig(history_length=16)
+    rt._batch_loss(ranker, rt._batch_tensors(ranker.statistics, data, rows, cfg), cfg)
     stats = ranker.statistics
     want = stats.features(
         data.items[rows],
@@ -189,10 +190,10 @@ def test_checkpoint_rejects_other_catalogs_and_garbage(small, tmp_path):
         load_ranker(path, other)
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable ranker checkpoint"):
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_ranker(bad, world.catalog)
     torch.save({"format": "something else"}, tmp_path / "o.pt")
-    with pytest.raises(ValueError, match="not a ranker checkpoint"):
+    with pytest.raises(ValueError, match="not a .ranking.Ranker. checkpoint"):
         load_ranker(tmp_path / "o.pt", world.catalog)
 
 

@@ -105,7 +105,7 @@ def _free_port():
 def ranks(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("dist")
     mp.spawn(_worker, args=(2, _free_port(), str(outdir)), nprocs=2, join=True)
-    return [torch.load(outdir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [torch.load(outdir / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
 def test_world_info(ranks):
