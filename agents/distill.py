@@ -13,6 +13,12 @@ one of four losses, mixed with the ordinary positives by a weight lambda:
 2. ``"kl"``: listwise KL(softmax(ranker / tau_r) || softmax(generator / tau_g)) over the pool;
 3. ``"pairwise"``: the ranker's top-k above the rest of the pool, ``-log sigmoid(s_i - s_j)``;
 4. ``"mse"``: regression of the generator's logits on the ranker's scores (the weak baseline).
+
+Devices: the teacher scores on the ranker's device (``RankerTrainConfig.device`` or
+``ranker.to(device)``; ``ranker.set_scoring(precision=...)``), and :class:`DistillObjective`
+runs on the student's device inside :func:`retrieval.train.fit_two_tower`, under its
+``TrainConfig.device`` and ``precision`` (bf16 autocast covers the distillation term too):
+each distillation batch moves to the student's device in one place. Teacher targets stay numpy.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from retrieval.losses import NegativeSamplerConfig, SampledSoftmaxLoss
 from retrieval.model import TwoTowerModel
 from retrieval.train import to_torch_obs
 from simenv.clock import released
+from simenv.device import to_device
 from simenv.history import take_obs
 from simenv.types import Obs
 
@@ -190,6 +197,7 @@ class DistillObjective:
             # Q of in-batch negatives = how often an item is a teacher pick
             top = targets.top[targets.top >= 0]
             self.frequency = np.bincount(top, minlength=self.n_items).astype(np.float64)
+        self._freq_t: torch.Tensor | None = None
 
     def __call__(
         self, model: TwoTowerModel, rng: np.random.Generator, gen: torch.Generator
@@ -197,24 +205,37 @@ class DistillObjective:
         """Loss on one batch of teacher queries."""
         q = len(self.t)
         rows = rng.choice(q, size=min(self.cfg.batch_size, q), replace=False)
-        obs = to_torch_obs(take_obs(self.t.obs, rows))
-        u = model.user_vectors(obs)  # (b, d)
+        device = next(model.parameters()).device
+        batch = {"obs": to_torch_obs(take_obs(self.t.obs, rows))}
         if self.cfg.loss == "softmax":
-            top = torch.from_numpy(self.t.top[rows])  # (b, k_t)
+            top = self.t.top[rows]  # (b, k_t)
             # one teacher pick per query per step, drawn uniformly among its top-k
-            pick = torch.from_numpy(rng.integers(top.shape[1], size=top.shape[0]))
-            pos = top[torch.arange(top.shape[0]), pick]
+            pick = rng.integers(top.shape[1], size=top.shape[0])
+            batch["top"] = torch.from_numpy(top)
+            batch["pos"] = torch.from_numpy(top[np.arange(top.shape[0]), pick])  # (b,)
+        else:
+            batch["pool"] = torch.from_numpy(self.t.pool[rows])  # (b, P)
+            batch["teacher"] = torch.from_numpy(self.t.pool_scores[rows])  # (b, P)
+        batch = to_device(batch, device)  # the one place where the batch moves to the device
+        u = model.user_vectors(batch["obs"])  # (b, d)
+        if self.cfg.loss == "softmax":
+            pos, top = batch["pos"], batch["top"]
             ok = pos >= 0
             u, pos, top = u[ok], pos[ok], top[ok]
+            freq = self.frequency
+            if isinstance(freq, np.ndarray):  # copied to the student's device once
+                if self._freq_t is None or self._freq_t.device != device:
+                    self._freq_t = torch.from_numpy(freq).to(device)
+                freq = self._freq_t
             return self.softmax(
                 u, pos, model.item_vectors(pos), encode_items=model.item_tower, generator=gen,
-                frequency=self.frequency, user_positive_ids=top,
+                frequency=freq, user_positive_ids=top,
             )  # fmt: skip
-        pool = torch.from_numpy(self.t.pool[rows])  # (b, P)
+        pool = batch["pool"]  # (b, P)
         valid = pool >= 0
         iv = model.item_vectors(pool.clamp(min=0))  # (b, P, d)
-        logits = model.similarity.batched(u, iv)  # (b, P) student logits sim / tau_g
-        teacher = torch.from_numpy(self.t.pool_scores[rows]).to(logits.dtype)
+        logits = model.similarity.batched(u, iv).float()  # (b, P) student logits sim / tau_g
+        teacher = batch["teacher"].to(logits.dtype)
         valid &= torch.isfinite(teacher)
         if self.cfg.loss == "kl":
             neg = torch.finfo(logits.dtype).min

@@ -37,6 +37,7 @@ from benchmarks.registry import (
 )
 from benchmarks.report import INDEX_FILE, format_seconds
 from benchmarks.runner import RunOutcome, export_thread_env, run_experiment
+from simenv.device import check_device
 from simenv.shard import BACKENDS
 
 EPILOG = """examples:
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="T",
         help="threads for torch and faiss (default: the libraries' own)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        metavar="D",
+        help="torch device of the experiments that train or search on one: cpu (default), "
+        "cuda, cuda:N or auto; recorded in results.json",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     p.add_argument(
@@ -240,6 +248,8 @@ def _command(
         parts += ["--first-seed", str(args.first_seed)]
     if args.threads is not None:
         parts += ["--threads", str(args.threads)]
+    if args.device != "cpu":
+        parts += ["--device", args.device]
     for k, v in overrides.items():
         parts += ["--set", f"{k}={v}"]
     if exp.module not in EXPERIMENT_MODULES and exp.module != "__main__":
@@ -283,6 +293,10 @@ def main(
             print(f"python -m benchmarks: error: {problem}", file=sys.stderr)
             print("see `python -m benchmarks list`", file=sys.stderr)
             return 2
+    try:
+        check_device("--device", args.device)  # spelling only; availability when used
+    except ValueError as e:
+        parser.error(str(e))
     export_thread_env(args.threads)  # before experiment modules import torch / faiss
 
     registry = REGISTRY if registry is None else registry
@@ -345,6 +359,7 @@ def main(
             command=_command(exp, args, n_seeds, overrides[exp.name]),
             overrides=overrides[exp.name],
             threads=args.threads,
+            device=args.device,
             quiet=args.quiet,
             order=order,
         )
@@ -407,6 +422,7 @@ def _run_parallel(
             threads=args.threads,
             argv=list(sys.argv),
             order=tuple(registry.names()),
+            device=args.device,
         )
         for exp in selected
     ]

@@ -42,6 +42,7 @@ class ExperimentTask:
         threads: torch / faiss threads inside the task.
         argv: the parent's argument vector (recorded in results.json).
         order: experiment order for the index.
+        device: the ``--device`` of the run (torch device of the experiments).
     """
 
     name: str
@@ -54,6 +55,7 @@ class ExperimentTask:
     threads: int | None
     argv: list[str]
     order: tuple[str, ...]
+    device: str = "cpu"
 
 
 def _run_task(task: ExperimentTask, registry: Registry) -> RunOutcome:
@@ -68,6 +70,7 @@ def _run_task(task: ExperimentTask, registry: Registry) -> RunOutcome:
         command=task.command,
         overrides=task.overrides,
         threads=task.threads,
+        device=task.device,
         quiet=True,
         argv=task.argv,
         order=task.order,

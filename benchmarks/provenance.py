@@ -111,6 +111,7 @@ class Provenance:
         versions: from :func:`package_versions`.
         machine: from :func:`machine_info`.
         threads: the thread count applied to torch / faiss (``None``: library defaults).
+        device: the torch device the run asked for (``--device``).
     """
 
     command: str
@@ -120,10 +121,14 @@ class Provenance:
     versions: dict[str, str] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
+    device: str = "cpu"
 
 
 def collect_provenance(
-    command: str, argv: list[str] | None = None, threads: int | None = None
+    command: str,
+    argv: list[str] | None = None,
+    threads: int | None = None,
+    device: str = "cpu",
 ) -> Provenance:
     """Gather provenance now (start time, git state, versions, machine).
 
@@ -131,6 +136,7 @@ def collect_provenance(
         command: the canonical command line reproducing the run.
         argv: the raw argument vector (defaults to ``sys.argv``).
         threads: the thread count the run applies (``None``: library defaults).
+        device: the torch device the run asked for.
 
     Returns:
         A :class:`Provenance`.
@@ -144,4 +150,5 @@ def collect_provenance(
         versions=package_versions(),
         machine=machine_info(),
         threads=threads,
+        device=device,
     )

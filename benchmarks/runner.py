@@ -130,6 +130,9 @@ class RunContext:
         report: the :class:`~benchmarks.report.Report` to fill.
         threads: the thread count applied to torch / faiss (``None``: library defaults).
         quiet: True under ``--quiet``: no progress bars, no log lines.
+        device: ``--device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"``): where the
+            experiments that support it train and search (passed to ``TrainConfig.device``,
+            ``IndexConfig.device``).
         timings: named wall times accumulated by :meth:`timer` (recorded in results.json).
     """
 
@@ -140,6 +143,7 @@ class RunContext:
     report: Report
     threads: int | None = None
     quiet: bool = False
+    device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
     _t0: float = field(default_factory=time.perf_counter, repr=False)
 
@@ -267,6 +271,7 @@ def run_experiment(
     threads: int | None = None,
     quiet: bool = False,
     argv: list[str] | None = None,
+    device: str = "cpu",
     order: Sequence[str] = (),
 ) -> RunOutcome:
     """Run one experiment and write its report, then regenerate the reports index.
@@ -285,6 +290,7 @@ def run_experiment(
         threads: thread count for torch / faiss (``None``: library defaults).
         quiet: disable progress bars and log lines.
         argv: raw argument vector (defaults to ``sys.argv``).
+        device: the torch device of the run (recorded in results.json).
         order: experiment order for the index.
 
     Returns:
@@ -295,10 +301,10 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_figures(out_dir)
     seeds = tuple(int(s) for s in seeds)
-    provenance = collect_provenance(command, argv, threads)
+    provenance = collect_provenance(command, argv, threads, device)
     info = RunInfo(exp.name, exp.description, cfg, seeds, quick, dict(overrides or {}))
     report = Report(info, out_dir, provenance)
-    ctx = RunContext(exp.name, seeds, quick, out_dir, report, threads, quiet)
+    ctx = RunContext(exp.name, seeds, quick, out_dir, report, threads, quiet, device)
     start = time.perf_counter()
     try:
         apply_threads(threads)

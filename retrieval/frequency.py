@@ -25,6 +25,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from simenv.arrays import check_item_ids
+
 __all__ = [
     "ItemFrequency",
     "ExactItemFrequency",
@@ -161,9 +163,7 @@ class ExactItemFrequency(_FrequencyBase):
         self._total = 0
 
     def _check_range(self, ids: np.ndarray) -> None:
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n_items):
-            bad = ids[(ids < 0) | (ids >= self.n_items)][0]
-            raise ValueError(f"item_ids must be in [0, {self.n_items}), got {bad}")
+        check_item_ids("item_ids", ids, self.n_items)
 
     def update(self, item_ids: Any) -> None:
         """Count a batch of ids (``bincount``: repeats add up)."""

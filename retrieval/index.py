@@ -49,7 +49,9 @@ import faiss
 import numpy as np
 import torch
 
+from simenv.arrays import check_item_ids
 from simenv.clock import observed_time, released
+from simenv.device import check_device, resolve_device
 
 __all__ = [
     "IndexConfig",
@@ -119,6 +121,11 @@ class IndexConfig:
         exact_fallback: HNSW only: whether rows that the graph leaves short under
             ``exclude`` / ``allowed`` are answered by exact search (recommended; without it
             such rows are padded with ``-1``). IVF needs none: it probes more cells.
+        device: where the exact search runs (torch): ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or
+            ``"auto"`` (see :mod:`simenv.device`). The index keeps a copy of the vectors
+            there; queries move there per call and results come back as numpy. faiss (HNSW,
+            IVF) stays on the CPU; their exact fallback and :meth:`ItemIndex.search_exact`
+            use the device.
     """
 
     kind: str = "exact"
@@ -135,8 +142,10 @@ class IndexConfig:
     hnsw_norm_ratio: float = 3.0
     seed: int = 0
     exact_fallback: bool = True
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_device("device", self.device)
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.metric not in METRICS:
@@ -245,9 +254,10 @@ def _chunk_topk(s: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torc
     head = s[:, : n_blocks * block].reshape(b, n_blocks, block)  # (b, nb, block), a view
     block_max = head.amax(dim=2)  # (b, nb)
     best_blocks = torch.topk(block_max, k, dim=1, sorted=False).indices  # (b, k)
-    cand = (best_blocks.unsqueeze(2) * block + torch.arange(block)).reshape(b, k * block)
+    offsets = torch.arange(block, device=s.device)
+    cand = (best_blocks.unsqueeze(2) * block + offsets).reshape(b, k * block)
     if n_blocks * block < n:  # the ragged tail of the chunk is always a candidate
-        tail = torch.arange(n_blocks * block, n).expand(b, -1)  # (b, n - nb*block)
+        tail = torch.arange(n_blocks * block, n, device=s.device).expand(b, -1)  # (b, n - nb*block)
         cand = torch.cat([cand, tail], dim=1)
     values, pos = torch.topk(s.gather(1, cand), k, dim=1)  # (b, k)
     return values, cand.gather(1, pos)
@@ -322,14 +332,7 @@ class _Constraints:
                 raise ValueError(
                     f"exclude must be 2-D (B={n_queries}, E) with -1 padding, got shape {ex.shape}"
                 )
-            if ex.size and not np.issubdtype(ex.dtype, np.integer):
-                raise ValueError(f"exclude must hold integer item ids, got dtype {ex.dtype}")
-            ex = ex.astype(np.int64, copy=False)
-            if ex.size and (ex.min() < -1 or ex.max() >= n_items):
-                raise ValueError(
-                    f"exclude ids must be in [-1, {n_items}) (-1 = padding), got range "
-                    f"[{ex.min()}, {ex.max()}]"
-                )
+            ex = check_item_ids("exclude", ex, n_items, padding=True)
             if ex.size and (ex >= 0).any():
                 self.exclude = ex
                 rows = np.broadcast_to(np.arange(n_queries)[:, None], ex.shape)
@@ -430,16 +433,21 @@ class _Constraints:
             ok &= ~_sorted_contains(self.exclude_keys, rows[:, None] * self.n_items + ids)
         return ok
 
-    def torch_masker(self, rows: np.ndarray):
-        """A function ``mask(scores (b, n), j0)`` that sets ineligible scores to ``-inf``."""
-        ex = torch.from_numpy(self.exclude[rows]) if self.exclude is not None else None
-        blocked = (
-            torch.from_numpy(~self.global_mask) if self.global_mask is not None else None
-        )  # (N,)
-        row_mask = torch.from_numpy(self.row_mask[rows]) if self.row_mask is not None else None
+    def torch_masker(self, rows: np.ndarray, device: torch.device | None = None):
+        """A function ``mask(scores (b, n), j0)`` that sets ineligible scores to ``-inf``.
+
+        Its tensors live on ``device`` (the scores' device; default the CPU).
+        """
+
+        def t_(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device or "cpu")
+
+        ex = t_(self.exclude[rows]) if self.exclude is not None else None
+        blocked = t_(~self.global_mask) if self.global_mask is not None else None  # (N,)
+        row_mask = t_(self.row_mask[rows]) if self.row_mask is not None else None
         if self.times is not None:
-            rt = torch.from_numpy(self.release_time)  # (N,)
-            t = torch.from_numpy(self.times[rows])  # (b,)
+            rt = t_(self.release_time)  # (N,)
+            t = t_(self.times[rows])  # (b,)
         neg_inf = float("-inf")
 
         def mask(s: torch.Tensor, j0: int) -> None:
@@ -453,7 +461,7 @@ class _Constraints:
                 s.masked_fill_(rt[j0:j1].unsqueeze(0) > t.unsqueeze(1), neg_inf)
             if ex is not None:
                 hit = (ex >= j0) & (ex < j1)  # (b, E)
-                r = torch.arange(b).unsqueeze(1).expand_as(ex)[hit]
+                r = torch.arange(b, device=s.device).unsqueeze(1).expand_as(ex)[hit]
                 s[r, ex[hit] - j0] = neg_inf
 
         return mask
@@ -522,7 +530,8 @@ class ItemIndex:
         if x.shape[0] < 1:
             raise ValueError("item_vectors must have at least one row")
         self._vectors = x
-        self._vectors_t = torch.from_numpy(x)
+        self._device = resolve_device(self.config.device)
+        self._vectors_t = torch.from_numpy(x).to(self._device)  # the exact search's copy
         self._faiss, self._quantizer = None, None
         cfg = self.config
         with _num_threads(cfg.threads):
@@ -590,7 +599,7 @@ class ItemIndex:
         if x.shape[0] == 0:
             return np.arange(start, start, dtype=np.int64)
         self._vectors = np.ascontiguousarray(np.concatenate([self._vectors, x], axis=0))
-        self._vectors_t = torch.from_numpy(self._vectors)
+        self._vectors_t = torch.from_numpy(self._vectors).to(self._device)
         new_ids = np.arange(start, self.n_items, dtype=np.int64)
         if self.config.kind == "hnsw":
             long = np.linalg.norm(x, axis=1) > self._radius
@@ -673,14 +682,15 @@ class ItemIndex:
         kk = min(k, n)
         chunk = min(self.config.exact_chunk, n)
         q_block = max(1, min(b, _SCORE_BUDGET // chunk))
-        buf = torch.empty(q_block * chunk, dtype=torch.float32)
-        out_v = torch.empty(b, kk, dtype=torch.float32)
-        out_i = torch.empty(b, kk, dtype=torch.int64)
-        qt = torch.from_numpy(q)
+        dev = self._device
+        buf = torch.empty(q_block * chunk, dtype=torch.float32, device=dev)
+        out_v = torch.empty(b, kk, dtype=torch.float32, device=dev)
+        out_i = torch.empty(b, kk, dtype=torch.int64, device=dev)
+        qt = torch.from_numpy(q).to(dev)
         x = self._vectors_t
         for q0 in range(0, b, q_block):
             q1 = min(b, q0 + q_block)
-            mask = cons.torch_masker(rows[q0:q1]) if cons.any else None
+            mask = cons.torch_masker(rows[q0:q1], dev) if cons.any else None
             best_v = best_i = None
             for j0 in range(0, n, chunk):
                 xc = x[j0 : j0 + chunk]  # (c, d)
@@ -695,7 +705,7 @@ class ItemIndex:
                     i = torch.cat([best_i, i], dim=1).gather(1, pos)
                 best_v, best_i = v, i
             out_v[q0:q1], out_i[q0:q1] = best_v, best_i
-        return _pad_results(out_i.numpy(), out_v.numpy(), k)
+        return _pad_results(out_i.cpu().numpy(), out_v.cpu().numpy(), k)
 
     def _faiss_search(
         self, q: np.ndarray, f: int, nprobe: int, selector=None, side_mask=None

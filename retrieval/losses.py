@@ -99,6 +99,14 @@ ItemSource = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 FrequencyLike = ItemFrequency | torch.Tensor | np.ndarray | Callable[[torch.Tensor], torch.Tensor]
 
 
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``x`` runs in: the autocast dtype when autocast is on, else x's."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
 def _mask_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
@@ -199,10 +207,19 @@ class _SampledSoftmaxFn(torch.autograd.Function):
         cols: torch.Tensor,
         derived: bool,
     ) -> torch.Tensor:
-        if neg_bias is not None:
+        # Under bf16 autocast the product runs in bf16 and everything after it in float32
+        # (the softmax sums need float32); the backward repeats the product's dtype.
+        mm_dtype = _matmul_dtype(q)
+        if mm_dtype in (torch.bfloat16, torch.float16):
+            e = (q.to(mm_dtype) @ keys.to(mm_dtype).T).float()  # (B, M) f(u, d_j)
+            if neg_bias is not None:
+                e.add_(neg_bias[None, :].float())  # - log Q(d_j)
+            pos_term = pos_term.float()
+        elif neg_bias is not None:
             e = torch.addmm(neg_bias[None, :], q, keys.T)  # (B, M) f(u, d_j) - log Q(d_j)
         else:
             e = q @ keys.T  # (B, M) f(u, d_j)
+        ctx.dtypes = (mm_dtype, q.dtype, keys.dtype, pos_term.dtype)
         mask = _mask_value(e.dtype)
         if rows.numel():
             e.index_put_((rows, cols), e.new_tensor(mask))  # accidental hits
@@ -238,18 +255,24 @@ class _SampledSoftmaxFn(torch.autograd.Function):
             )
         ctx.consumed = True
         q, keys, e, z, e_pos, has = ctx.saved_tensors
+        mm_dtype, q_dtype, keys_dtype, pos_dtype = ctx.dtypes
+        g = g.to(z.dtype)
         coef = g / z  # (B,)
         if has is not None:
             coef = torch.where(has, coef, torch.zeros_like(coef))
         grad = e.mul_(coef[:, None])  # (B, M) dL/dx = g exp(x - m) / Z, in place
-        grad_q = grad @ keys if ctx.needs_input_grad[0] else None  # (B, d)
-        grad_keys = grad.T @ q if ctx.needs_input_grad[1] else None  # (M, d)
+        if grad.dtype != mm_dtype:  # bf16 autocast: the backward products in bf16 too
+            grad = grad.to(mm_dtype)
+            q, keys = q.to(mm_dtype), keys.to(mm_dtype)
+        grad_q = (grad @ keys).to(q_dtype) if ctx.needs_input_grad[0] else None  # (B, d)
+        grad_keys = (grad.T @ q).to(keys_dtype) if ctx.needs_input_grad[1] else None  # (M, d)
         grad_pos = None
         if ctx.needs_input_grad[3]:
             if ctx.derived:
                 grad_pos = torch.where(has, -g, torch.zeros_like(g))
             else:
                 grad_pos = g * (e_pos / z - 1.0)  # d/dt [log(e^t + S) - t]
+            grad_pos = grad_pos.to(pos_dtype)
         return grad_q, grad_keys, None, grad_pos, None, None, None
 
 

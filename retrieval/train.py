@@ -41,6 +41,7 @@ from retrieval.towers.item import IDItemTower
 from simenv.checkpoint import load_checkpoint as load_checkpoint_file
 from simenv.checkpoint import save_checkpoint as save_checkpoint_file
 from simenv.clock import released
+from simenv.device import autocast, check_device, check_precision, resolve_device, to_device
 from simenv.log import ImpressionLog
 from simenv.types import ItemCatalog, Obs, obs_users
 
@@ -78,6 +79,11 @@ class TrainConfig:
         sketch_width: count-min width.
         sketch_depth: count-min depth.
         threads: ``torch.set_num_threads`` during training (None: leave as is).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"auto"`` (see :mod:`simenv.device`):
+            the model is moved there and stays there; each batch moves there in one place;
+            sampled negatives come from a generator on that device.
+        precision: ``"fp32"`` or ``"bf16"`` (bfloat16 autocast of the towers and the loss's
+            matmuls; weights and optimiser state stay float32).
         sparse_embeddings: give the ID item towers' tables sparse gradients for the run
             (``nn.Embedding.sparse``, restored afterwards), as ``ItemTowerConfig(sparse=True)``
             does for good. Every sparse table is stepped by ``torch.optim.SparseAdam`` (lazy
@@ -109,12 +115,16 @@ class TrainConfig:
     sketch_width: int = 4096
     sketch_depth: int = 4
     threads: int | None = None
+    device: str = "cpu"
+    precision: str = "fp32"
     sparse_embeddings: bool = False
     seed: int = 0
     progress: bool = True
     checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
+        check_device("device", self.device)
+        check_precision("precision", self.precision)
         for name in (
             "epochs",
             "batch_size",
@@ -206,17 +216,18 @@ def evaluate_recall(
     was = model.training
     model.eval()
     sim = model.similarity
+    device = _device_of(model)
     items = sim.prepare(model.all_item_vectors())  # (N, d)
-    rel = torch.from_numpy(np.asarray(release_time, dtype=np.float64))
+    rel = torch.from_numpy(np.asarray(release_time, dtype=np.float64)).to(device)
     total = 0.0
     for s in range(0, len(ev), batch):
         rows = np.arange(s, min(len(ev), s + batch))
-        obs = to_torch_obs(take_obs(ev.obs, rows))
+        obs = to_device(to_torch_obs(take_obs(ev.obs, rows)), device)
         u = sim.prepare(model.user_vectors(obs))
         sc = u @ items.T  # (b, N)
-        now = torch.from_numpy(ev.time[rows])
+        now = torch.from_numpy(ev.time[rows]).to(device)
         sc.masked_fill_(rel[None, :] > now[:, None], float("-inf"))
-        top = torch.topk(sc, min(k, sc.shape[1]), dim=1).indices.numpy()
+        top = torch.topk(sc, min(k, sc.shape[1]), dim=1).indices.cpu().numpy()
         pos = ev.positives[rows]
         hit = (top[:, :, None] == pos[:, None, :]) & (pos[:, None, :] >= 0)
         n_pos = (pos >= 0).sum(axis=1)
@@ -226,6 +237,12 @@ def evaluate_recall(
 
 
 CHECKPOINT_FORMAT = "retrieval.TwoTowerModel"
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (the CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def save_checkpoint(
@@ -337,6 +354,8 @@ def fit_two_tower(
     if extra_weight > 0 and extra is None:
         raise ValueError("extra_weight > 0 needs an extra objective")
     n_items = model.n_items
+    device = resolve_device(cfg.device)
+    model.to(device)
     old_threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -360,6 +379,7 @@ def fit_two_tower(
             extra_weight,
             valid_score,
             batch_groups,
+            device,
         )
     finally:
         for emb in made_sparse:
@@ -382,7 +402,9 @@ def _fit(
     extra_weight: float = 0.0,
     valid_score: Callable[[TwoTowerModel], float] | None = None,
     batch_groups: np.ndarray | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
+    device = torch.device("cpu") if device is None else device
     rank, world = (
         (torch.distributed.get_rank(), torch.distributed.get_world_size())
         if is_distributed()
@@ -460,7 +482,7 @@ def _fit(
         opts.append(torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
     if sparse:
         opts.append(torch.optim.SparseAdam([p for p in params if id(p) in sparse], lr=cfg.lr))
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7]))
     result = TrainResult(frequency=freq)
     best_state = None
@@ -479,7 +501,9 @@ def _fit(
             else _grouped_order(rng, example_group, cfg.batch_size * world)
         )
         t0 = time.perf_counter()
-        tot, seen = 0.0, 0
+        tot: float | torch.Tensor = 0.0
+        seen = 0
+        taus: list[torch.Tensor] = []
         bar = tqdm(
             range(steps), desc=f"epoch {epoch}", disable=not cfg.progress or rank != 0, leave=False
         )
@@ -490,14 +514,17 @@ def _fit(
                 continue
             if cfg.frequency == "sketch":
                 freq.update(_targets_of(data, rows, impression, causal))
-            if extra_weight < 1.0:
-                loss = _batch_loss(
-                    model, loss_fn, data, rows, impression, causal, gen, freq, user_pos
-                )
-                if extra is not None and extra_weight > 0:
-                    loss = (1.0 - extra_weight) * loss + extra_weight * extra(model, rng, gen)
-            else:
-                loss = extra(model, rng, gen)
+            with autocast(device, cfg.precision):
+                if extra_weight < 1.0:
+                    # the one place where a batch moves to the device
+                    batch = to_device(
+                        _batch_tensors(data, rows, impression, causal, user_pos), device
+                    )
+                    loss = _batch_loss(model, loss_fn, batch, impression, causal, gen, freq)
+                    if extra is not None and extra_weight > 0:
+                        loss = (1.0 - extra_weight) * loss + extra_weight * extra(model, rng, gen)
+                else:
+                    loss = extra(model, rng, gen)
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -514,13 +541,18 @@ def _fit(
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             for opt in opts:
                 opt.step()
-            tot += loss.item() * rows.size
+            # accumulated on the device: no host sync per step (a GPU keeps running ahead)
+            tot = tot + loss.detach().float() * rows.size
             seen += rows.size
             if model.similarity.config.learnable_temperature:
-                result.tau_trajectory.append(float(model.similarity.tau.detach()))
+                taus.append(model.similarity.tau.detach().float().reshape(()))
             if cfg.progress and rank == 0 and step % 20 == 0:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{loss.detach().item():.4f}")  # no float(loss): warns
         bar.close()
+        if taus:
+            result.tau_trajectory.extend(torch.stack(taus).cpu().tolist())
+            taus.clear()
+        tot = float(tot)
         secs = time.perf_counter() - t0
         rec = None
         if valid is not None:
@@ -622,41 +654,58 @@ def _targets_of(data: Any, rows: np.ndarray, impression: bool, causal: bool) -> 
     return data.target[rows]
 
 
-def _batch_loss(
-    tower: TwoTowerModel,
-    loss_fn: nn.Module,
+def _batch_tensors(
     data: Any,
     rows: np.ndarray,
     impression: bool,
     causal: bool,
+    user_pos: np.ndarray | None,
+) -> dict[str, Any]:
+    """One training batch as CPU tensors (numpy in, torch out; moved to the device by the caller)."""
+    out: dict[str, Any] = {"obs": to_torch_obs(take_obs(data.obs, rows))}
+    if impression:
+        out["items"] = torch.from_numpy(data.items[rows])  # (R, k)
+        out["labels"] = torch.from_numpy(data.labels[rows])  # (R, k)
+        return out
+    if causal:
+        out["targets"] = torch.from_numpy(data.targets[rows])  # (W, L)
+    else:
+        out["target"] = torch.from_numpy(data.target[rows])  # (B,)
+    if user_pos is not None:
+        out["user_pos"] = torch.from_numpy(user_pos[rows])  # (B or W, P)
+    return out
+
+
+def _batch_loss(
+    tower: TwoTowerModel,
+    loss_fn: nn.Module,
+    batch: dict[str, Any],
+    impression: bool,
+    causal: bool,
     gen: torch.Generator,
     freq: Any,
-    user_pos: np.ndarray | None,
 ) -> torch.Tensor:
-    obs = to_torch_obs(take_obs(data.obs, rows))
+    """The loss of one batch of :func:`_batch_tensors` (already on the model's device)."""
+    obs = batch["obs"]
     if impression:
-        items = torch.from_numpy(data.items[rows])  # (R, k)
-        labels = torch.from_numpy(data.labels[rows])  # (R, k)
+        items, labels = batch["items"], batch["labels"]  # (R, k)
         u = tower.user_vectors(obs)  # (R, d)
         k = items.shape[1]
         iv = tower.item_vectors(items.reshape(-1))  # (R*k, d)
         uu = u.repeat_interleave(k, dim=0)  # (R*k, d)
         return loss_fn(uu, iv, labels.reshape(-1))
+    upos = batch.get("user_pos")
     if causal:
         seq = tower.user_tower.forward_sequence(obs)  # (W, L, d)
-        tgt = torch.from_numpy(data.targets[rows])  # (W, L)
+        tgt = batch["targets"]  # (W, L)
         sel = tgt >= 0
         u = seq[sel]  # (M, d)
         pos = tgt[sel]
-        upos = (
-            torch.from_numpy(user_pos[rows]).repeat_interleave(sel.sum(dim=1), dim=0)
-            if user_pos is not None
-            else None
-        )
+        if upos is not None:
+            upos = upos.repeat_interleave(sel.sum(dim=1), dim=0)  # (M, P)
     else:
         u = tower.user_vectors(obs)  # (B, d)
-        pos = torch.from_numpy(data.target[rows])
-        upos = torch.from_numpy(user_pos[rows]) if user_pos is not None else None
+        pos = batch["target"]
     pv = tower.item_vectors(pos)
     return loss_fn(
         u,

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simenv.arrays import check_item_ids
 from simenv.types import ItemCatalog
 
 from ._layers import MLP, check_positive_int, reset_parameters
@@ -152,12 +153,7 @@ class ItemTower(nn.Module):
                 f"item_ids must be an int64 tensor, got "
                 f"{getattr(item_ids, 'dtype', type(item_ids).__name__)}"
             )
-        if item_ids.numel():
-            lo, hi = (int(v) for v in torch.aminmax(item_ids))
-            if lo < 0 or hi >= self.n_items:
-                raise ValueError(
-                    f"item_ids must lie in [0, {self.n_items}), got values in [{lo}, {hi}]"
-                )
+        check_item_ids("item_ids", item_ids, self.n_items)
         flat = item_ids.reshape(-1)  # (M,)
         return self._encode(flat).reshape(*item_ids.shape, self.dim)  # (..., d)
 

@@ -313,10 +313,22 @@ def test_bad_options_exit_2(tmp_path):
         ["tiny", "--seeds", "0"],
         ["tiny", "--threads", "0"],
         ["tiny", "--first-seed", "-1"],
+        ["tiny", "--device", "gpu"],
     ):
         with pytest.raises(SystemExit) as exc:
             main([*args, "--out", str(tmp_path)], make_registry(), [])
         assert exc.value.code == 2
+
+
+def test_device_is_recorded_and_reaches_the_context(tmp_path):
+    # "auto" resolves where the work runs; the CLI records what was asked for
+    assert main(["tiny", "--quick", "--quiet", "--device", "auto", "--out", str(tmp_path)],
+                make_registry(), []) == 0  # fmt: skip
+    doc = results(tmp_path, "tiny")
+    assert doc["device"] == "auto" and "--device auto" in doc["command"]
+    assert "| device | auto |" in (tmp_path / "tiny" / "report.md").read_text()
+    main(["tiny", "--quick", "--quiet", "--out", str(tmp_path / "d")], make_registry(), [])
+    assert results(tmp_path / "d", "tiny")["device"] == "cpu"
 
 
 def test_unknown_name_in_process(tmp_path, capsys):

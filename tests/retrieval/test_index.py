@@ -449,7 +449,7 @@ def test_search_validation(data):
         index.search(np.full_like(queries, np.nan), 5)
     with pytest.raises(ValueError, match="queries must be 2-D"):
         index.search(queries[0], 5)
-    with pytest.raises(ValueError, match=r"exclude ids must be in \[-1, 3000\)"):
+    with pytest.raises(ValueError, match=r"exclude must be item ids in \[0, 2999\] or -1 \(padding\)"):
         index.search(queries, 5, exclude=np.full((b, 2), n))
     with pytest.raises(ValueError, match="exclude must be 2-D"):
         index.search(queries, 5, exclude=np.zeros((b + 1, 2), np.int64))

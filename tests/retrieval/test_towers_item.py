@@ -162,10 +162,10 @@ def test_hybrid_combines_then_projects(combine):
 def test_bad_ids_raise():
     tower = IDItemTower(N_ITEMS, 4)
     with pytest.raises(
-        ValueError, match=r"item_ids must lie in \[0, 40\), got values in \[0, 40\]"
+        ValueError, match=r"item_ids must be item ids in \[0, 39\], got values in \[0, 40\]"
     ):
         tower(torch.tensor([0, 40]))
-    with pytest.raises(ValueError, match="item_ids must lie"):
+    with pytest.raises(ValueError, match="item_ids must be item ids in"):
         tower(torch.tensor([-1]))
     with pytest.raises(ValueError, match="int64"):
         tower(torch.tensor([1.0]))
