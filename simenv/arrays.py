@@ -32,7 +32,9 @@ def unique_rows(a: np.ndarray) -> np.ndarray:
 _TORCH_INT = ("torch.int64", "torch.int32", "torch.int16", "torch.int8", "torch.uint8")
 
 
-def check_item_ids(name: str, ids, n_items: int, *, padding: bool = False, ndim: int | None = None):
+def check_item_ids(
+    name: str, ids, n_items: int | None, *, padding: bool = False, ndim: int | None = None
+):
     """Validate item ids: integers in ``[0, n_items)`` (``-1`` too with ``padding``).
 
     The one item-id check of the project's readers of ids (losses, towers, item frequency,
@@ -42,7 +44,7 @@ def check_item_ids(name: str, ids, n_items: int, *, padding: bool = False, ndim:
     Args:
         name: the argument's name, used in the message.
         ids: the ids, any shape.
-        n_items: catalog size N.
+        n_items: catalog size N (None: dtype and ``ndim`` only, no range check).
         padding: allow ``-1`` (padding) besides ``[0, N)``.
         ndim: required number of dimensions (None: any).
 
@@ -61,7 +63,7 @@ def check_item_ids(name: str, ids, n_items: int, *, padding: bool = False, ndim:
     integer = str(a.dtype) in _TORCH_INT if is_tensor else np.issubdtype(a.dtype, np.integer)
     if size and not integer:
         raise ValueError(f"{name} must hold integer item ids, got dtype {a.dtype}")
-    if size:
+    if size and n_items is not None:
         lo, hi = int(a.min()), int(a.max())
         low = -1 if padding else 0
         if lo < low or hi >= n_items:
