@@ -79,6 +79,7 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.user_towers",
     "benchmarks.baselines",
     "benchmarks.perf",
+    "benchmarks.ann",
     "benchmarks.movielens",
     "benchmarks.scale",
     "benchmarks.rl",

@@ -10,6 +10,12 @@ be recomputed per user, they can be cached"). This module serves that search:
 - ``kind="hnsw"``: a faiss HNSW graph (``IndexHNSWFlat``) over the MIPS-to-L2 reduction of
   the items, plus an exactly scored side set of the longest vectors.
 - ``kind="ivf"``: a faiss inverted file (``IndexIVFFlat``, inner-product metric).
+- ``kind="ivfpq"``: a faiss inverted file of 4-bit product-quantised codes scanned with SIMD
+  lookup tables (``IndexIVFPQFastScan``, inner product), whose shortlist of
+  ``refine_factor * k`` candidates is re-ranked by exact inner products from the stored
+  vectors (what ``IndexRefineFlat`` does, without a second copy of the vectors). The codes
+  take ``pq_m / 2`` bytes per item instead of ``4 d``, and scanning them is several times
+  faster than scanning float vectors, which pays at millions of items.
 
 Why torch and not faiss for the exact kind: measured on the project's 2-core machine
 (1,000,000 x 64 items, 1,000 queries, top-100) faiss ``IndexFlatIP`` answered about
@@ -21,7 +27,8 @@ runs ``topk`` only over their ``k * exact_block`` scores. The k best scores of a
 lie in its k best blocks (each of them is at most as large as the maximum of its block, and
 a block left out has k kept blocks whose maxima are at least as large), so the result is
 exact, not approximate. Same workload, one thread, CPU seconds: 3.2 s against 4.2 s for
-the same chunks with plain ``topk`` and 5.3 s for :func:`torch_topk` (the plain baseline).
+the same chunks and score buffer with plain ``topk`` (``benchmarks.search.torch_topk``, the
+baseline of ``python -m benchmarks perf``).
 
 Constraints (``search(..., exclude=, allowed=)``): items a user already consumed
 (``exclude``), and eligibility (``allowed``: a boolean mask over the items, per query or for
@@ -41,8 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import faiss
@@ -56,18 +62,13 @@ from simenv.device import check_device, resolve_device
 __all__ = [
     "IndexConfig",
     "ItemIndex",
-    "OperatingPoint",
-    "OperatingPoints",
     "ReleaseCutoff",
     "build_index",
-    "clustered_embeddings",
-    "operating_points",
-    "pareto_front",
     "recall_vs_exact",
-    "torch_topk",
 ]
 
-KINDS = ("exact", "hnsw", "ivf")
+KINDS = ("exact", "hnsw", "ivf", "ivfpq")
+_IVF_KINDS = ("ivf", "ivfpq")
 METRICS = ("ip", "cosine")
 
 # Scores buffer of the exact search: at most this many float32 scores at once (256 MiB).
@@ -82,7 +83,8 @@ class IndexConfig:
 
     Attributes:
         kind: ``"exact"`` (brute force in torch, always correct), ``"hnsw"`` (faiss HNSW
-            graph) or ``"ivf"`` (faiss inverted file, k-means cells).
+            graph), ``"ivf"`` (faiss inverted file, k-means cells) or ``"ivfpq"`` (inverted
+            file of 4-bit PQ codes with fast scan, shortlist re-ranked exactly).
         metric: ``"ip"`` (inner product, the two-tower dot product) or ``"cosine"``
             (items and queries are l2-normalised, then inner product).
         hnsw_m: HNSW ``M``: links per node per layer. Memory grows as ``N * M * 8`` bytes on
@@ -95,16 +97,24 @@ class IndexConfig:
             ``max(efSearch, k)``. Recall rises and queries/s fall as it grows. Typical
             16-1024; top-100 at recall 0.95 took efSearch 384 on 20,000 clustered
             vectors (d = 64) and more than 512 on 100,000. Tune with
-            :func:`operating_points`.
+            ``benchmarks.search.operating_points``.
         ivf_nlist: IVF number of k-means cells; ``0`` picks ``round(4 * sqrt(N))``, capped
             so every cell has at least 39 training points (faiss' minimum). Typical
             ``4 * sqrt(N)`` to ``16 * sqrt(N)``; more cells make each probe cheaper and
             the k-means training longer.
-        ivf_nprobe: IVF cells visited per query (capped at nlist). The search time grows
-            about linearly in nprobe, recall saturates; ``nprobe = nlist`` is exact. Typical
+        ivf_nprobe: IVF cells visited per query (capped at nlist; also ``"ivfpq"``). The
+            search time grows about linearly in nprobe, recall saturates; ``nprobe = nlist`` is exact. Typical
             1-256; top-100 at recall 0.95 took about 10% of nlist on clustered vectors
             (48 of 512 cells at N = 20,000, 128 of 1,265 at N = 100,000). Tune with
-            :func:`operating_points`.
+            ``benchmarks.search.operating_points``.
+        pq_m: ``"ivfpq"``: sub-quantisers M (4-bit codes, so M / 2 bytes per item); ``0``
+            picks ``d / 2`` (two dimensions per code). Must divide d and be even (fast scan
+            packs codes in pairs). More sub-quantisers: better codes, slower scans.
+        refine_factor: ``"ivfpq"``: the PQ scan returns ``refine_factor * k`` candidates,
+            re-ranked by exact inner products (1: no re-ranking beyond the k). Typical 2-16:
+            recall rises toward the IVF-Flat recall at the same nprobe.
+        train_size: k-means and PQ training points (a seeded random subset of the items;
+            ``0``: all of them). faiss needs at least 39 per cell.
         threads: threads for torch and faiss while building and searching; ``0`` leaves
             both libraries' settings as they are. Both settings are restored afterwards.
         exact_chunk: items per matmul block in the exact search. The score buffer holds
@@ -135,6 +145,9 @@ class IndexConfig:
     ef_search: int = 128
     ivf_nlist: int = 0
     ivf_nprobe: int = 16
+    pq_m: int = 0
+    refine_factor: int = 4
+    train_size: int = 0
     threads: int = 0
     exact_chunk: int = 262144
     exact_block: int = 64
@@ -155,6 +168,7 @@ class IndexConfig:
             "ef_construction": self.ef_construction,
             "ef_search": self.ef_search,
             "ivf_nprobe": self.ivf_nprobe,
+            "refine_factor": self.refine_factor,
             "exact_chunk": self.exact_chunk,
         }
         for name, value in positive.items():
@@ -162,6 +176,8 @@ class IndexConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         non_negative = {
             "ivf_nlist": self.ivf_nlist,
+            "pq_m": self.pq_m,
+            "train_size": self.train_size,
             "threads": self.threads,
             "exact_block": self.exact_block,
             "seed": self.seed,
@@ -261,45 +277,6 @@ def _chunk_topk(s: torch.Tensor, k: int, block: int) -> tuple[torch.Tensor, torc
         cand = torch.cat([cand, tail], dim=1)
     values, pos = torch.topk(s.gather(1, cand), k, dim=1)  # (b, k)
     return values, cand.gather(1, pos)
-
-
-def torch_topk(
-    item_vectors: np.ndarray | torch.Tensor,
-    queries: np.ndarray | torch.Tensor,
-    k: int,
-    chunk: int = 262144,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact baseline: plain torch matmul + ``torch.topk``, chunked over items.
-
-    Each chunk of items is scored against all queries (``queries @ items.T``), reduced to
-    its top-k, and the per-chunk winners are merged with one more top-k. This is the
-    reference the exact index is measured against; it takes no constraints.
-
-    Args:
-        item_vectors: float ``(N, d)``.
-        queries: float ``(B, d)``.
-        k: results per query; when ``k > N`` the tail is padded with ``-1`` / ``-inf``.
-        chunk: items per matmul (the score matrix is ``B x chunk`` floats).
-
-    Returns:
-        ``(ids int64 (B, k), scores float32 (B, k))``, scores descending.
-    """
-    x = _as_matrix("item_vectors", item_vectors)
-    q = _as_matrix("queries", queries, dim=x.shape[1])
-    k = _check_k(k)
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
-    xt, qt = torch.from_numpy(x), torch.from_numpy(q)
-    n, kk = x.shape[0], min(k, x.shape[0])
-    vals, idxs = [], []
-    for j0 in range(0, n, chunk):
-        s = qt @ xt[j0 : j0 + chunk].T  # (B, chunk)
-        v, i = torch.topk(s, min(kk, s.shape[1]), dim=1)
-        vals.append(v)
-        idxs.append(i + j0)
-    v, pos = torch.topk(torch.cat(vals, dim=1), kk, dim=1)  # (B, kk)
-    i = torch.cat(idxs, dim=1).gather(1, pos)
-    return _pad_results(i.numpy(), v.numpy(), k)
 
 
 def _pad_results(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -509,7 +486,7 @@ class ItemIndex:
     @property
     def nlist(self) -> int:
         """Number of IVF cells (0 for the other kinds)."""
-        return int(self._faiss.nlist) if self.config.kind == "ivf" else 0
+        return int(self._faiss.nlist) if self.config.kind in _IVF_KINDS else 0
 
     def _prepare(self, name: str, x: np.ndarray | torch.Tensor, dim: int | None = -1) -> np.ndarray:
         """Validated float32 ``(n, d)`` (``dim=-1``: the index dim), normalised under cosine."""
@@ -564,7 +541,7 @@ class ItemIndex:
                 index.hnsw.efSearch = cfg.ef_search
                 index.add(self._augment(x[self._graph_ids]))
                 self._faiss = index
-            elif cfg.kind == "ivf":
+            elif cfg.kind in _IVF_KINDS:
                 n = x.shape[0]
                 if cfg.ivf_nlist > n:
                     raise ValueError(
@@ -573,9 +550,26 @@ class ItemIndex:
                 # auto: 4 sqrt(N) cells, at least 39 training points per cell
                 nlist = cfg.ivf_nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
                 quantizer = faiss.IndexFlatIP(self.dim)
-                index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+                if cfg.kind == "ivf":
+                    index = faiss.IndexIVFFlat(
+                        quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT
+                    )
+                else:
+                    m = cfg.pq_m or max(2, self.dim // 2)
+                    if self.dim % m or m % 2:
+                        raise ValueError(
+                            f"pq_m must be even and divide d={self.dim}, got {m} (0 picks d/2)"
+                        )
+                    # 4-bit codes scanned by SIMD lookup tables (fast scan), inner product
+                    index = faiss.IndexIVFPQFastScan(
+                        quantizer, self.dim, nlist, m, 4, faiss.METRIC_INNER_PRODUCT
+                    )
                 index.cp.seed = cfg.seed
-                index.train(x)
+                train = x
+                if 0 < cfg.train_size < n:  # a seeded subset: k-means cost grows with it
+                    pick = np.random.default_rng(cfg.seed).choice(n, cfg.train_size, replace=False)
+                    train = x[np.sort(pick)]
+                index.train(train)
                 index.add(x)
                 index.nprobe = min(cfg.ivf_nprobe, nlist)
                 self._faiss, self._quantizer = index, quantizer
@@ -614,16 +608,32 @@ class ItemIndex:
                 self._faiss.add(x)
         return new_ids
 
-    def set_search_params(self, *, ef_search: int | None = None, nprobe: int | None = None) -> None:
-        """Change the search-time knob of an approximate index (efSearch or nprobe)."""
+    def set_search_params(
+        self,
+        *,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+        refine_factor: int | None = None,
+    ) -> None:
+        """Change the search-time knobs of an approximate index (efSearch, nprobe, refine)."""
+        if refine_factor is not None:
+            if self.config.kind != "ivfpq":
+                raise ValueError(f"refine_factor applies to kind 'ivfpq', not {self.config.kind!r}")
+            if isinstance(refine_factor, bool) or not isinstance(refine_factor, int):
+                raise ValueError(f"refine_factor must be an int >= 1, got {refine_factor!r}")
+            if refine_factor < 1:
+                raise ValueError(f"refine_factor must be an int >= 1, got {refine_factor!r}")
+            self.config = dataclasses.replace(self.config, refine_factor=refine_factor)
         if ef_search is not None:
             if self.config.kind != "hnsw":
                 raise ValueError(f"ef_search applies to kind 'hnsw', not {self.config.kind!r}")
             self.config = dataclasses.replace(self.config, ef_search=ef_search)
             self._faiss.hnsw.efSearch = ef_search
         if nprobe is not None:
-            if self.config.kind != "ivf":
-                raise ValueError(f"nprobe applies to kind 'ivf', not {self.config.kind!r}")
+            if self.config.kind not in _IVF_KINDS:
+                raise ValueError(
+                    f"nprobe applies to kinds 'ivf' and 'ivfpq', not {self.config.kind!r}"
+                )
             self.config = dataclasses.replace(self.config, ivf_nprobe=nprobe)
             self._faiss.nprobe = min(nprobe, self.nlist)
 
@@ -701,7 +711,8 @@ class ItemIndex:
                 v, i = _chunk_topk(s, min(kk, xc.shape[0]), self.config.exact_block)
                 i = i + j0
                 if best_v is not None:  # merge with the running top-k of earlier chunks
-                    v, pos = torch.topk(torch.cat([best_v, v], dim=1), kk, dim=1)
+                    both = torch.cat([best_v, v], dim=1)  # chunks narrower than k: fewer
+                    v, pos = torch.topk(both, min(kk, both.shape[1]), dim=1)
                     i = torch.cat([best_i, i], dim=1).gather(1, pos)
                 best_v, best_i = v, i
             out_v[q0:q1], out_i[q0:q1] = best_v, best_i
@@ -715,12 +726,21 @@ class ItemIndex:
         HNSW answers L2 distances of the augmented vectors; their inner products are
         recomputed by :meth:`_scores` for the ids finally kept.
         """
-        if self.config.kind == "ivf":
+        if self.config.kind in _IVF_KINDS:
             params = faiss.SearchParametersIVF(nprobe=nprobe)
             if selector is not None:
                 params.sel = selector
-            dist, ids = self._faiss.search(q, f, params=params)
-            return ids, dist
+            if self.config.kind == "ivf":
+                dist, ids = self._faiss.search(q, f, params=params)
+                return ids, dist
+            # IVF-PQ fast scan: a shortlist of refine_factor * f by approximate (PQ) scores,
+            # re-ranked by exact inner products from the stored vectors
+            short = min(self.n_items, f * self.config.refine_factor)
+            _, cand = self._faiss.search(q, short, params=params)  # (b, short)
+            exact = self._scores(q, cand)  # (b, short), -inf on -1
+            top = np.argsort(-exact, axis=1, kind="stable")[:, :f]  # (b, f) best first
+            ids = np.take_along_axis(cand, top, axis=1)
+            return ids, np.take_along_axis(exact, top, axis=1)
         params = None
         if selector is not None:
             params = faiss.SearchParametersHNSW(sel=selector, efSearch=self._faiss.hnsw.efSearch)
@@ -748,7 +768,11 @@ class ItemIndex:
     def _scores(self, q: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """Exact inner products of queries (b, d) with their items ids (b, f); -inf for -1."""
         safe = np.where(ids >= 0, ids, 0)
-        s = np.einsum("bfd,bd->bf", self._vectors[safe], q)  # (b, f)
+        s = np.empty(ids.shape, dtype=np.float32)
+        step = max(1, (1 << 22) // max(1, ids.shape[1] * self.dim))  # <= 16 MiB of gathered rows
+        for r0 in range(0, ids.shape[0], step):
+            rows = slice(r0, r0 + step)
+            s[rows] = np.einsum("bfd,bd->bf", self._vectors[safe[rows]], q[rows])  # (b, f)
         return np.where(ids >= 0, s, -np.inf).astype(np.float32)
 
     def _approximate(
@@ -764,7 +788,7 @@ class ItemIndex:
         (``exact_fallback``); an IVF row that ran dry with every cell probed was exhaustive.
         """
         n, b = self.n_items, q.shape[0]
-        is_ivf = self.config.kind == "ivf"
+        is_ivf = self.config.kind in _IVF_KINDS
         nprobe0 = min(self.config.ivf_nprobe, self.nlist) if is_ivf else 0
         if not cons.any:
             ids, dist = self._faiss_search(q, min(k, n), nprobe0)
@@ -858,8 +882,12 @@ def recall_vs_exact(
     k: int,
     exclude: np.ndarray | None = None,
     allowed: np.ndarray | ReleaseCutoff | None = None,
+    exact: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> float:
     """Recall@k of ``index.search`` against exact search on the same vectors.
+
+    ``exact``: the exact answer ``(ids, scores)`` of these queries and constraints, if already
+    computed (:meth:`ItemIndex.search_exact`; a sweep over settings computes it once).
 
     Per query: the number of returned items that belong to the exact top-k, divided by the
     size of the exact top-k (``k``, or fewer when fewer items are eligible); averaged over
@@ -869,7 +897,11 @@ def recall_vs_exact(
     have returned it just as well.
     """
     ann_ids, _ = index.search(queries, k, exclude=exclude, allowed=allowed)
-    ex_ids, ex_scores = index.search_exact(queries, k, exclude=exclude, allowed=allowed)
+    if exact is None:
+        exact = index.search_exact(queries, k, exclude=exclude, allowed=allowed)
+    ex_ids, ex_scores = exact
+    if ex_ids.shape != ann_ids.shape:
+        raise ValueError(f"exact must hold (B, k) = {ann_ids.shape} results, got {ex_ids.shape}")
     q = index._prepare("queries", queries)
     b = q.shape[0]
     n_exact = (ex_ids >= 0).sum(axis=1)  # (B,) size of the exact answer
@@ -887,150 +919,3 @@ def recall_vs_exact(
     if not defined.any():
         raise ValueError("no query has an eligible item; recall is undefined")
     return float(np.mean(hits[defined] / n_exact[defined]))
-
-
-@dataclass(frozen=True)
-class OperatingPoint:
-    """One measured setting of an approximate index.
-
-    Attributes:
-        param: ``"ef_search"`` (HNSW) or ``"nprobe"`` (IVF).
-        value: the setting.
-        recall: :func:`recall_vs_exact` at that setting.
-        qps: queries per second (best of the repeats).
-    """
-
-    param: str
-    value: int
-    recall: float
-    qps: float
-
-
-@dataclass(frozen=True)
-class OperatingPoints:
-    """A sweep of an approximate index's search knob (faiss contrib ``OperatingPoints``).
-
-    Attributes:
-        all: every measured point, in sweep order.
-        pareto: the Pareto-optimal points (no other point is both at least as accurate and
-            at least as fast, and better in one), by increasing recall.
-        exact_qps: queries per second of exact search on the same queries.
-    """
-
-    all: tuple[OperatingPoint, ...]
-    pareto: tuple[OperatingPoint, ...]
-    exact_qps: float
-
-    def fastest_with_recall(self, target: float) -> OperatingPoint | None:
-        """The fastest Pareto point with recall >= target, or None if none reaches it."""
-        ok = [p for p in self.pareto if p.recall >= target]
-        return max(ok, key=lambda p: p.qps) if ok else None
-
-
-def pareto_front(points: Sequence[OperatingPoint]) -> tuple[OperatingPoint, ...]:
-    """Points not dominated in (recall, qps), by increasing recall (ties: faster first)."""
-    ordered = sorted(points, key=lambda p: (-p.recall, -p.qps))
-    front, best_qps = [], -math.inf
-    for p in ordered:  # by decreasing recall: keep a point only if it is faster than all kept
-        if p.qps > best_qps:
-            front.append(p)
-            best_qps = p.qps
-    return tuple(reversed(front))
-
-
-def _timed(fn, repeats: int, timer: Callable[[], float]) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        t0 = timer()
-        fn()
-        best = min(best, timer() - t0)
-    return best
-
-
-def operating_points(
-    index: ItemIndex,
-    queries: np.ndarray | torch.Tensor,
-    k: int,
-    values: Sequence[int] | None = None,
-    repeats: int = 2,
-    timer: Callable[[], float] = time.perf_counter,
-) -> OperatingPoints:
-    """Sweep efSearch (HNSW) or nprobe (IVF), measure recall@k and queries/s, keep the front.
-
-    The index's own setting is restored afterwards.
-
-    Args:
-        index: an ``"hnsw"`` or ``"ivf"`` index.
-        queries: float ``(B, d)``.
-        k: results per query.
-        values: settings to try; default powers of two (efSearch 16..1024, nprobe
-            1..nlist).
-        repeats: timing repeats per setting (the fastest counts).
-        timer: the clock; ``time.process_time`` with ``threads=1`` measures CPU time,
-            which a busy shared machine disturbs less than wall time.
-    """
-    kind = index.config.kind
-    if kind not in ("hnsw", "ivf"):
-        raise ValueError(f"operating_points needs an approximate index, got kind {kind!r}")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    q = _as_matrix("queries", queries, dim=index.dim)
-    k = _check_k(k)
-    param = "ef_search" if kind == "hnsw" else "nprobe"
-    if values is None:
-        top = 1024 if kind == "hnsw" else index.nlist
-        values = [v for v in (2**i for i in range(11)) if (kind == "ivf" or v >= 16) and v <= top]
-    values = [int(v) for v in values]
-    if not values or min(values) < 1:
-        raise ValueError(f"values must be non-empty ints >= 1, got {values!r}")
-    old = index.config.ef_search if kind == "hnsw" else index.config.ivf_nprobe
-    exact_t = _timed(lambda: index.search_exact(q, k), repeats, timer)
-    points = []
-    try:
-        for v in values:
-            index.set_search_params(**{param: v})
-            t = _timed(lambda: index.search(q, k), repeats, timer)
-            points.append(OperatingPoint(param, v, recall_vs_exact(index, q, k), len(q) / t))
-    finally:
-        index.set_search_params(**{param: old})
-    return OperatingPoints(tuple(points), pareto_front(points), len(q) / exact_t)
-
-
-def clustered_embeddings(
-    n_items: int,
-    n_queries: int,
-    dim: int,
-    n_clusters: int = 64,
-    seed: int = 0,
-    spread: float = 0.6,
-    norm_sigma: float = 0.3,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic item and query vectors shaped like trained two-tower embeddings.
-
-    Trained embeddings are not iid Gaussian (on which every ANN index does poorly and no
-    index is needed to see it): items gather around topic directions, cluster sizes are
-    heavy-tailed, and dot-product models give popular items larger norms. Here: unit
-    cluster directions ``c_j``; cluster sizes from a Zipf-like law; item direction
-    ``normalise(c_j + spread * eps / sqrt(d))`` times a log-normal norm
-    ``exp(norm_sigma * z)``; a query is a random mix of two cluster directions plus noise.
-
-    Returns:
-        ``(items float32 (n_items, dim), queries float32 (n_queries, dim))``.
-    """
-    for name, v in (("n_items", n_items), ("n_queries", n_queries), ("dim", dim)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    if not isinstance(n_clusters, int) or not 1 <= n_clusters <= n_items:
-        raise ValueError(f"n_clusters must be an int in [1, n_items={n_items}], got {n_clusters!r}")
-    rng = np.random.default_rng(seed)
-    centres = _normalise(rng.standard_normal((n_clusters, dim)).astype(np.float32))  # (C, d)
-    weights = 1.0 / np.arange(1, n_clusters + 1) ** 0.8
-    cluster = rng.choice(n_clusters, size=n_items, p=weights / weights.sum())  # (N,)
-    noise = rng.standard_normal((n_items, dim)).astype(np.float32) * (spread / math.sqrt(dim))
-    items = _normalise(centres[cluster] + noise)  # (N, d)
-    items *= np.exp(norm_sigma * rng.standard_normal((n_items, 1))).astype(np.float32)
-    pair = rng.choice(n_clusters, size=(n_queries, 2), p=weights / weights.sum())  # (B, 2)
-    mix = rng.uniform(0.5, 1.0, size=(n_queries, 1)).astype(np.float32)
-    q_noise = rng.standard_normal((n_queries, dim)).astype(np.float32) * (spread / math.sqrt(dim))
-    queries = mix * centres[pair[:, 0]] + (1 - mix) * centres[pair[:, 1]] + q_noise  # (B, d)
-    return np.ascontiguousarray(items), np.ascontiguousarray(queries.astype(np.float32))

@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_recall",
     "save_checkpoint",
     "load_checkpoint",
+    "LazyAdam",
 ]
 
 
@@ -86,15 +87,13 @@ class TrainConfig:
             matmuls; weights and optimiser state stay float32).
         sparse_embeddings: give the ID item towers' tables sparse gradients for the run
             (``nn.Embedding.sparse``, restored afterwards), as ``ItemTowerConfig(sparse=True)``
-            does for good. Every sparse table is stepped by ``torch.optim.SparseAdam`` (lazy
-            Adam: only the rows in the batch move, and their moments are updated only then),
-            the dense parameters by AdamW. Needs ``weight_decay == 0`` (SparseAdam has none)
-            and a single process. It pays on large catalogs, where dense AdamW walks the whole
-            table every step: measured by ``python -m benchmarks perf`` (1 thread, batch
-            1024, in-batch + 4,096 uniform negatives) 0.9x the dense speed at 10,000 items,
-            1.7x at 100,000 and 4.4x at 300,000, with the same test recall@100 on the
-            default world (0.229 sparse, 0.220 dense, one seed). Off by default: slower on
-            small catalogs, and lazy Adam is a different optimiser.
+            does for good. Every sparse table is stepped by :class:`LazyAdam` (lazy
+            Adam, SparseAdam's update: only the rows in the batch move, and their moments are
+            updated only then), the dense parameters by fused AdamW. Needs
+            ``weight_decay == 0`` (lazy Adam has none) and a single process. It pays on large
+            catalogs, where dense AdamW walks the whole table every step (``python -m
+            benchmarks perf`` measures both side by side, with the test recall of each on the
+            default world). Off by default: lazy Adam is a different optimiser.
         seed: seed of initial shuffles and sampled negatives.
         progress: show a tqdm bar.
         checkpoint_dir: write ``best.pt`` there (atomically) when validation improves.
@@ -479,9 +478,15 @@ def _fit(
     groups = [g for g in groups if g["params"]]
     opts: list[torch.optim.Optimizer] = []
     if groups:
-        opts.append(torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        # fused: one kernel per parameter for the whole update (the foreach form makes about
+        # ten passes over every tensor; measured 8.7 ms against 45 ms per step for a
+        # 100,000 x 64 table on one CPU thread)
+        fused = all(p.dtype == torch.float32 for g in groups for p in g["params"])
+        opts.append(
+            torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+        )
     if sparse:
-        opts.append(torch.optim.SparseAdam([p for p in params if id(p) in sparse], lr=cfg.lr))
+        opts.append(LazyAdam([p for p in params if id(p) in sparse], lr=cfg.lr))
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7]))
     result = TrainResult(frequency=freq)
@@ -592,6 +597,71 @@ def _fit(
         model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """Lazy Adam for sparse gradients: ``torch.optim.SparseAdam``'s update, by row gathers.
+
+    Only the rows present in the (coalesced) sparse gradient move, and only their moments are
+    updated, with the step count of the parameter (SparseAdam's semantics)::
+
+        m_r <- m_r + (1 - beta1) (g_r - m_r);   v_r <- beta2 v_r + (1 - beta2) g_r^2
+        w_r <- w_r - lr sqrt(1 - beta2^t) / (1 - beta1^t) * m_r / (sqrt(v_r) + eps)
+
+    SparseAdam adds sparse updates into the dense moment tables (several sparse-dense
+    additions per step); this gathers the touched rows once, updates them in place and
+    writes them back (``index_select`` / ``index_copy_`` / ``index_add_``): measured 19 ms
+    against 36 ms per step for 38,000 looked-up rows of a 100,000 x 64 table on one CPU
+    thread. The same function up to float32 rounding (tested against SparseAdam).
+
+    Args:
+        params: parameters whose gradients are sparse (dense gradients are accepted too and
+            update every row).
+        lr: learning rate.
+        betas: ``(beta1, beta2)``.
+        eps: added to ``sqrt(v)``.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        if not (lr > 0 and eps > 0 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"need lr > 0, eps > 0, betas in [0, 1), got {lr}, {eps}, {betas}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One update of every parameter that has a gradient."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                st["step"] += 1
+                t = st["step"]
+                g = p.grad
+                if g.is_sparse:
+                    g = g.coalesce()  # unique rows (a no-op after the sparse clip)
+                    rows, gv = g._indices()[0], g._values()  # (R,), (R, d)
+                else:
+                    rows, gv = torch.arange(p.shape[0], device=p.device), g
+                m = st["exp_avg"].index_select(0, rows).lerp_(gv, 1.0 - b1)  # (R, d)
+                v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(gv, gv, value=1 - b2)
+                st["exp_avg"].index_copy_(0, rows, m)
+                st["exp_avg_sq"].index_copy_(0, rows, v)
+                step_size = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+                p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)
+        return loss
 
 
 @torch.no_grad()

@@ -27,13 +27,14 @@ from retrieval.towers import ItemTowerConfig, UserTowerConfig
 from retrieval.train import TrainConfig
 
 TINY = dict(
-    env_items=2_000, env_batch=200, sync_batch=4, env_steps=3, sync_steps=2, env_repeats=1,
-    env_scaling_users=(10, 100), env_scaling_items=(1_000, 2_000), env_scaling_batch=50,
-    build_sizes=(1_000,), train_episodes=300, train_max_steps=10, train_batch=32,
-    train_uniform=64, train_dim=8, train_steps=2, train_repeats=1, train_scaling_batches=(16,),
+    train_items=2_000, train_episodes=300, train_max_steps=10, train_batch=32,
+    train_uniform=64, train_dim=8, train_steps=2, train_repeats=2, train_scaling_batches=(16,),
     train_scaling_items=(1_000, 2_000), index_items=3_000, index_dim=8, index_queries=20,
     index_k=10, index_repeats=1, index_scaling_items=(500,), trained_world="tiny",
     trained_epochs=1, trained_queries=50, hnsw_ef=(16, 32), ivf_nprobe=(1, 4),
+    # the device section's code path on the CPU, at tiny sizes (a GPU runs the sizes)
+    device_section="on", device_sizes=("2000:8:32:64", "3000:8:32:64"), device_steps=2,
+    device_repeats=2, device_ratio_items=3_000,
 )  # fmt: skip
 
 
@@ -42,7 +43,7 @@ def test_perf_is_registered():
     assert REGISTRY.get("perf").config_cls is PerfConfig
 
 
-def test_tiny_run_writes_report_and_results_with_claims(tmp_path):
+def test_tiny_run_writes_report_and_results_with_findings(tmp_path):
     cfg = replace(PerfConfig.quick(), **TINY)
     out = run_experiment(
         REGISTRY.get("perf"), cfg, out_root=tmp_path, seeds=(0,), quick=True,
@@ -51,32 +52,35 @@ def test_tiny_run_writes_report_and_results_with_claims(tmp_path):
     res = json.loads((tmp_path / "perf" / RESULTS_FILE).read_text())
     assert res["error"] is None, res["error"]
     assert out.ok and res["status"] == "ok"
-    claims = res["claims"]
-    assert len(claims) == 7
-    assert all(c["verdict"] in ("PASS", "FAIL") and c["evidence"] for c in claims)
-    assert out.n_pass + out.n_fail == 7
+    findings = res["findings"]
+    # training bar fp32 + bf16, two ratios to the bare loop, the device ratio (fp32, bf16 at
+    # device_ratio_items), sparse recall, exact vs torch, ANN recall + speed (or a sanity
+    # check when no setting reaches the recall on tiny data)
+    assert 8 <= len(findings) <= 10 and len(findings) + len(res["sanity"]) in (9, 10)
+    assert all(f["verdict"] in ("HOLDS", "REFUTED", "INCONCLUSIVE") for f in findings)
     r = res["results"]
     # every side-by-side ratio is a finite positive number computed from its two parts
     tr = r["training"]
-    for mode in ("dense", "sparse"):
+    for mode in ("dense", "sparse", "bf16"):
         m = tr[mode]
         assert m["ours"] > 0 and m["bare"] > 0
         assert m["ratio"] == pytest.approx(
             np.median(np.array(m["runs"]["ours"]) / m["runs"]["bare"])
         )
-    assert r["env"]["ratio"] == pytest.approx(
-        np.median(r["env"]["batched_user_steps_per_s"])
-        / np.median(r["env"]["sync_user_steps_per_s"])
-    )
+    assert "env" not in r  # perf-env measures the simulator
+    dev = r["device"]
+    assert [(row["items"], row["precision"]) for row in dev["rows"]] == [
+        (2_000, "fp32"), (2_000, "bf16"), (3_000, "fp32"), (3_000, "bf16")
+    ]  # fmt: skip
+    assert all(row["fit_two_tower ex/s"] > 0 and row["bare loop ex/s"] > 0 for row in dev["rows"])
     sizes = [row["items"] for row in r["index"]["exact_scaling"]]
     assert sizes == [500, 3_000]
     assert {row["index"] for row in r["index"]["operating_points"]} == {"hnsw", "ivf"}
     assert all(0.0 <= row["recall@10"] <= 1.0 for row in r["index"]["operating_points"])
-    assert [row["items"] for row in r["env"]["builds"]] == [1_000]
     assert [row["items"] for row in tr["scaling_items"]] == [1_000, 2_000]
     md = (tmp_path / "perf" / REPORT_FILE).read_text()
-    for title in ("Side by side", "Env scaling", "World build", "Training throughput",
-                  "Exact search", "HNSW and IVF"):  # fmt: skip
+    for title in ("Side by side", "Training throughput", "Devices", "Exact search",
+                  "HNSW and IVF"):  # fmt: skip
         assert title in md
     for fig in res["figures"]:
         assert (tmp_path / "perf" / fig["file"]).stat().st_size > 0
@@ -93,6 +97,10 @@ def test_quick_profile_and_bad_values():
         PerfConfig(train_batch=1)
     with pytest.raises(ValueError, match="hnsw_ef"):
         PerfConfig(hnsw_ef=())
+    with pytest.raises(ValueError, match="device_sizes entries must be 'N:d:B:U'"):
+        PerfConfig(device_sizes=("100000:64:1024",))
+    with pytest.raises(ValueError, match="device_section"):
+        PerfConfig(device_section="gpu")
 
 
 @pytest.mark.parametrize("sparse", [False, True])
@@ -148,9 +156,9 @@ def test_a_failing_section_keeps_what_was_measured_before(tmp_path, monkeypatch)
     import benchmarks.perf as perf
 
     def broken(*args, **kwargs):
-        raise RuntimeError("training section broke")
+        raise RuntimeError("index section broke")
 
-    monkeypatch.setattr(perf, "_train_section", broken)
+    monkeypatch.setattr(perf, "_index_section", broken)
     cfg = replace(PerfConfig.quick(), **TINY)
     out = run_experiment(
         REGISTRY.get("perf"), cfg, out_root=tmp_path, seeds=(0,), quick=True,
@@ -158,7 +166,7 @@ def test_a_failing_section_keeps_what_was_measured_before(tmp_path, monkeypatch)
     )  # fmt: skip
     assert not out.ok
     res = json.loads((tmp_path / "perf" / RESULTS_FILE).read_text())
-    assert res["status"] == "error" and "training section broke" in res["error"]
-    assert "env" in res["results"]  # the env section's figures were kept
+    assert res["status"] == "error" and "index section broke" in res["error"]
+    assert "training" in res["results"]  # the training section's figures were kept
     md = (tmp_path / "perf" / REPORT_FILE).read_text()
-    assert "Env throughput" in md and "World build" in md
+    assert "Training throughput" in md

@@ -24,7 +24,7 @@ from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig, build_l
 from retrieval.model import TwoTowerConfig, TwoTowerModel
 from retrieval.similarity import SimilarityConfig
 from retrieval.towers import ItemTowerConfig, UserTowerConfig, build_item_tower
-from retrieval.train import TrainConfig, _clip_grad_norm_sparse, fit_two_tower
+from retrieval.train import LazyAdam, TrainConfig, _clip_grad_norm_sparse, fit_two_tower
 from simenv import BatchedRecEnv, EnvConfig, World, WorldConfig, collect
 from simenv.history import EventSequences
 from simenv.policies import PopularityPolicy
@@ -195,3 +195,30 @@ def test_sparse_training_goes_down_like_dense(item_sparse, sparse_embeddings):
     # the run-only switch is undone; a sparse-by-config table stays sparse
     assert model.item_tower.embedding.sparse is item_sparse
     assert dense_model.item_tower.embedding.sparse is False
+
+
+def test_lazy_adam_is_sparse_adam():
+    """LazyAdam (row gathers) takes SparseAdam's steps: same weights up to float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(300, 6, generator=g))
+    b = torch.nn.Parameter(a.detach().clone())
+    opt_a, opt_b = torch.optim.SparseAdam([a], lr=0.05), LazyAdam([b], lr=0.05)
+    untouched = torch.ones(300, dtype=torch.bool)
+    for _ in range(6):
+        ids = torch.randint(0, 200, (90,), generator=g)  # repeats; rows >= 200 never move
+        untouched[ids] = False
+        w = torch.randn(90, 6, generator=g)
+        for p, opt in ((a, opt_a), (b, opt_b)):
+            (torch.nn.functional.embedding(ids, p, sparse=True) * w).sum().backward()
+            opt.step()
+            p.grad = None
+    # a few Adam steps of size ~lr: float32 rounding of two operation orders, ~1e-7 relative
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    init = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(b.detach()[untouched], init[untouched])  # lazy: never-seen rows stay
+    st = opt_b.state[b]
+    assert st["step"] == 6 and torch.equal(
+        st["exp_avg"][untouched], torch.zeros_like(init[untouched])
+    )
+    with pytest.raises(ValueError, match="need lr > 0"):
+        LazyAdam([b], lr=0.0)
