@@ -337,9 +337,19 @@ def _batch_tensors(
     }
 
 
-def _batch_loss(ranker: Ranker, batch: dict[str, Any], config: RankerTrainConfig) -> torch.Tensor:
-    """The training loss of one batch (tensors already on the ranker's device)."""
-    out = ranker(batch["obs"], batch["items"], batch["item_stats"])  # (b, k, n_heads)
+def _batch_loss(
+    ranker: Ranker,
+    batch: dict[str, Any],
+    config: RankerTrainConfig,
+    forward: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """The training loss of one batch (tensors already on the ranker's device).
+
+    ``forward``: the module whose call runs the ranker (its DistributedDataParallel wrapper
+    under torch.distributed; the ranker itself otherwise).
+    """
+    fwd = ranker if forward is None else forward
+    out = fwd(batch["obs"], batch["items"], batch["item_stats"])  # (b, k, n_heads)
     out = out.float()  # bf16 autocast: the losses in float32
     y = batch["clicked"]
     click_logit = out[..., 0]
@@ -419,10 +429,12 @@ def _train(
     device: torch.device,
 ) -> TrainHistory:
     t_start = time.perf_counter()
-    ranker.set_statistics(
-        ItemStatistics.from_log(train_log, ranker.n_items, ranker.config.stats_prior)
-    )
-    stats = ranker.statistics  # a host copy, read by every batch
+    rank, world = _world()
+    if world > 1:  # each process reads its shard of the log: users with user % world == rank
+        train_log = train_log.select(np.nonzero(train_log[Columns.USER] % world == rank)[0])
+    local = ItemStatistics.from_log(train_log, ranker.n_items, ranker.config.stats_prior)
+    ranker.set_statistics(_all_reduce_statistics(local, device) if world > 1 else local)
+    stats = ranker.statistics  # a host copy (of the whole log's counts), read by every batch
     train = slate_data(train_log, sequences, config.history_length)
     valid = (
         slate_data(valid_log, sequences, config.history_length)
@@ -430,17 +442,41 @@ def _train(
         else None
     )
     hist = TrainHistory(n_train_slates=len(train), n_valid_slates=len(valid) if valid else 0)
-    rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0x5A4C]))
-    opt = torch.optim.AdamW(ranker.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    rng = np.random.default_rng(
+        np.random.SeedSequence([config.seed, 0x5A4C] + ([rank] if world > 1 else []))
+    )
+    opt = torch.optim.AdamW(
+        ranker.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
+    )
+    forward: torch.nn.Module = ranker
+    if world > 1:
+        # DistributedDataParallel: rank 0's weights everywhere, gradients averaged in backward
+        # (the statistics buffers are already equal: no buffer broadcast per step)
+        forward = torch.nn.parallel.DistributedDataParallel(
+            ranker,
+            device_ids=[device.index or 0] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
+        )
     metric = config.early_stopping
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs = 0
     n_per_epoch = len(train)
+    if world > 1:  # the same number of steps on every process: the smallest shard's
+        n = torch.tensor([n_per_epoch], dtype=torch.int64, device=_collective_device(device))
+        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MIN)
+        n_per_epoch = int(n.item())
+        if n_per_epoch == 0:
+            raise ValueError(f"a process has no training slates in its shard ({world} processes)")
     if config.max_slates_per_epoch is not None:
         n_per_epoch = min(n_per_epoch, config.max_slates_per_epoch)
     n_batches = -(-n_per_epoch // config.batch_size)
     slates_seen = 0
-    bar = tqdm(total=config.epochs * n_batches, desc="train ranker", disable=not config.progress)
+    bar = tqdm(
+        total=config.epochs * n_batches,
+        desc="train ranker",
+        disable=not config.progress or rank != 0,
+    )
     for epoch in range(config.epochs):
         ranker.train()
         perm = rng.permutation(len(train))[:n_per_epoch]
@@ -450,7 +486,7 @@ def _train(
             # the one place where a batch moves to the device
             batch = to_device(_batch_tensors(stats, train, rows, config), device)
             with autocast(device, config.precision):
-                loss = _batch_loss(ranker, batch, config)
+                loss = _batch_loss(ranker, batch, config, forward)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -460,6 +496,11 @@ def _train(
             count += rows.size
             slates_seen += rows.size
             bar.update(1)
+        if world > 1:  # the epoch's loss over every process's slates
+            agg = torch.tensor([float(total), float(count)], dtype=torch.float64,
+                               device=_collective_device(device))  # fmt: skip
+            torch.distributed.all_reduce(agg)
+            total, count = float(agg[0]), int(agg[1])
         hist.train_loss.append(float(total) / max(count, 1))
         ranker.eval()
         improved = True
@@ -483,7 +524,7 @@ def _train(
             bad_epochs = 0
             if config.restore_best:
                 best_state = copy.deepcopy(ranker.state_dict())
-            if config.checkpoint_dir is not None:
+            if config.checkpoint_dir is not None and rank == 0:
                 save_ranker(
                     ranker,
                     Path(config.checkpoint_dir) / "ranker.pt",
@@ -505,6 +546,30 @@ def _train(
     hist.seconds = time.perf_counter() - t_start
     hist.slates_per_s = slates_seen / max(hist.seconds, 1e-9)
     return hist
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world size)`` of the torch.distributed group; ``(0, 1)`` without one."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    """Where small collective tensors live: the GPU under nccl, else the CPU (gloo)."""
+    if torch.distributed.get_backend() == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _all_reduce_statistics(local: ItemStatistics, device: torch.device) -> ItemStatistics:
+    """The statistics of the whole log from every process's shard (one all-reduce of counts)."""
+    counts = np.stack([local.impressions, local.clicks, local.likes, local.dislikes, local.watch])
+    t = torch.from_numpy(counts.astype(np.float64)).to(_collective_device(device))
+    torch.distributed.all_reduce(t)
+    c = t.cpu().numpy()
+    return ItemStatistics(c[0], c[1], c[2], c[3], c[4], local.prior_strength)
 
 
 # ---------------------------------------------------------------------------- checkpoints

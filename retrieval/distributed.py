@@ -23,12 +23,39 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "init_from_env",
     "is_distributed",
     "world_info",
     "gather_sizes",
     "all_gather_with_local_grad",
     "all_gather_no_grad",
 ]
+
+
+def init_from_env(device: str = "auto") -> torch.device:
+    """Join the process group ``torchrun`` describes (its environment variables); the device.
+
+    Backend: nccl when the device is a GPU, else gloo. On GPUs each process takes the GPU of
+    its ``LOCAL_RANK``. Without torchrun's variables (a plain ``python`` run) nothing is
+    initialised and the device is returned for one process. Pass the returned device as
+    ``TrainConfig(device=str(dev))`` / ``RankerTrainConfig(device=str(dev))``.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (a GPU when one is visible).
+    """
+    import os
+
+    from simenv.device import resolve_device
+
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev
 
 
 def is_distributed() -> bool:

@@ -3,10 +3,18 @@
 ``fit_two_tower`` trains a :class:`TwoTowerModel` on a log with any loss of
 ``retrieval.losses`` (full softmax, sampled softmax with any negatives and logQ variant, BCE,
 BPR, gBCE, impression-aware BCE): progress bar, early stopping on validation recall@K,
-configurable torch threads (one thread is steadier on a shared 2-core machine), atomic
-checkpoints with their config, and ``torch.distributed`` data parallelism (gloo on CPU: each process takes a
-slice of every global batch and gradients are averaged over processes after each backward,
-as DDP does; cross-device negatives come from the loss's ``cross_device`` option).
+configurable torch threads (one thread is steadier on a shared 2-core machine), a device and
+bf16 autocast (``TrainConfig.device`` / ``precision``), atomic checkpoints with their config.
+
+Data parallel under ``torchrun`` (``torch.distributed``; :func:`retrieval.distributed.init_from_env`
+sets the group up: gloo on CPUs, nccl on GPUs): each process reads its shard of the log (the
+users with ``user % world == rank``), steps ``batch_size`` examples of it (a global batch of
+``world x batch_size``), and the step runs through ``DistributedDataParallel``, which starts
+every process from rank 0's weights and averages the gradients during backward. The item
+frequency behind logQ counts every shard's positives (one all-reduce); cross-device negatives
+come from the loss's ``cross_device`` option (:mod:`retrieval.distributed`). Example::
+
+    torchrun --nproc_per_node 2 my_train.py   # my_train.py: init_from_env(), then fit_two_tower
 """
 
 from __future__ import annotations
@@ -414,6 +422,10 @@ def _fit(
     if causal and not hasattr(model.user_tower, "forward_sequence"):
         raise ValueError("causal=True needs a sequence user tower (transformer or GRU)")
     L = cfg.history_length
+    if world > 1 and len(train_log) and not causal:
+        # each process reads its shard of the log: the users with user % world == rank
+        mine = np.nonzero(train_log["user"] % world == rank)[0]
+        train_log = train_log.select(mine)
     # ---- examples
     if impression:
         data = impression_examples(train_log, sequences, L)
@@ -421,11 +433,22 @@ def _fit(
     elif causal:
         train_end = float(train_log["time"].max()) if len(train_log) else -np.inf
         data = causal_windows(sequences, L, event_mask=sequences.times <= train_end)
+        if world > 1:  # this process's shard: the windows of users with user % world == rank
+            data = _subset(data, np.nonzero(data.user % world == rank)[0])
         targets_for_freq = data.targets[data.targets >= 0]
     else:
         data = next_item_examples(train_log, sequences, L)
         targets_for_freq = data.target
     n_ex = len(data)
+    if world > 1:  # every process needs examples; the epoch length is the smallest shard's
+        counts = torch.tensor([n_ex], dtype=torch.int64, device=_collective_device(device))
+        torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MIN)
+        n_min = int(counts.item())
+        if n_min == 0:
+            raise ValueError(
+                f"a process has no training examples in its shard of train_log ({world} "
+                "processes, users split by user % world): use fewer processes"
+            )
     if n_ex == 0:
         raise ValueError("no training examples in train_log (no positives?)")
     example_group = None
@@ -439,8 +462,12 @@ def _fit(
         example_group = batch_groups[ex_user]  # (n_ex,) group of each example's user
     # ---- item frequency of the positives (logQ, popularity negatives)
     if cfg.frequency == "exact":
-        freq = ExactItemFrequency(n_items)
-        freq.update(targets_for_freq)
+        counts_np = np.bincount(np.asarray(targets_for_freq, np.int64), minlength=n_items)
+        if world > 1:  # Q of the whole log: every shard's positives
+            ct = torch.from_numpy(counts_np).to(_collective_device(device))
+            torch.distributed.all_reduce(ct)
+            counts_np = ct.cpu().numpy()
+        freq = ExactItemFrequency.from_counts(counts_np)
     else:
         freq = CountMinSketch(cfg.sketch_width, cfg.sketch_depth, seed=cfg.seed)
     user_pos = None if impression else sequences.positives_matrix(data.user, width=32)
@@ -448,9 +475,6 @@ def _fit(
     if release_time is not None and hasattr(loss_fn, "set_sample_pool") and len(train_log):
         train_end = float(train_log["time"].max())
         loss_fn.set_sample_pool(np.nonzero(released(np.asarray(release_time), train_end))[0])
-    if world > 1:  # start every process from rank 0's weights
-        for t in model.state_dict().values():
-            torch.distributed.broadcast(t, src=0)
     params = [p for p in model.parameters() if p.requires_grad]
     temp = {id(p) for p in model.similarity.parameters()}
     # Tables with sparse gradients go to SparseAdam (AdamW rejects sparse gradients).
@@ -487,17 +511,30 @@ def _fit(
         )
     if sparse:
         opts.append(LazyAdam([p for p in params if id(p) in sparse], lr=cfg.lr))
+    step_module: nn.Module = _TrainStep(model)
+    if world > 1:
+        # DistributedDataParallel: starts every process from rank 0's weights and averages
+        # the gradients over processes during backward (bucketed all-reduce, gloo on the CPU,
+        # nccl on GPUs); cross-device negatives still travel through retrieval.distributed
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module,
+            device_ids=[device.index or 0] if device.type == "cuda" else None,
+            find_unused_parameters=True,  # towers may leave a parameter out of a batch
+        )
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, 7]))
     result = TrainResult(frequency=freq)
     best_state = None
     best = -np.inf
     bad_epochs = 0
-    per_epoch = (
-        n_ex if cfg.max_examples_per_epoch is None else min(n_ex, cfg.max_examples_per_epoch)
+    # per process: its shard, batch_size examples per step (world x batch_size per global step)
+    shard = n_min if world > 1 else n_ex
+    cap = cfg.max_examples_per_epoch
+    per_epoch = shard if cap is None else min(shard, max(1, cap // world))
+    steps = max(1, per_epoch // cfg.batch_size)
+    # one process keeps the stream it always had; processes of a group shuffle their own shards
+    rng = np.random.default_rng(
+        np.random.SeedSequence([cfg.seed, 7] + ([rank] if world > 1 else []))
     )
-    global_batch = cfg.batch_size * world
-    steps = max(1, per_epoch // global_batch) if per_epoch >= global_batch else 1
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         order = (
@@ -513,32 +550,26 @@ def _fit(
             range(steps), desc=f"epoch {epoch}", disable=not cfg.progress or rank != 0, leave=False
         )
         for step in bar:
-            rows = order[step * global_batch : (step + 1) * global_batch]
-            rows = rows[rank::world]
-            if rows.size == 0:
-                continue
+            rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if cfg.frequency == "sketch":
                 freq.update(_targets_of(data, rows, impression, causal))
+            batch = None
+            if extra_weight < 1.0:  # the one place where a batch moves to the device
+                batch = to_device(_batch_tensors(data, rows, impression, causal, user_pos), device)
+
+            def compute(m: TwoTowerModel, batch: dict[str, Any] | None = batch) -> torch.Tensor:
+                if batch is None:
+                    return extra(m, rng, gen)
+                loss = _batch_loss(m, loss_fn, batch, impression, causal, gen, freq)
+                if extra is not None and extra_weight > 0:
+                    loss = (1.0 - extra_weight) * loss + extra_weight * extra(m, rng, gen)
+                return loss
+
             with autocast(device, cfg.precision):
-                if extra_weight < 1.0:
-                    # the one place where a batch moves to the device
-                    batch = to_device(
-                        _batch_tensors(data, rows, impression, causal, user_pos), device
-                    )
-                    loss = _batch_loss(model, loss_fn, batch, impression, causal, gen, freq)
-                    if extra is not None and extra_weight > 0:
-                        loss = (1.0 - extra_weight) * loss + extra_weight * extra(model, rng, gen)
-                else:
-                    loss = extra(model, rng, gen)
+                loss = step_module(compute)  # through DDP under torch.distributed
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
             loss.backward()
-            if world > 1:  # data parallel: average gradients over processes (what DDP does)
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
             if cfg.grad_clip is not None:
                 if sparse:
                     _clip_grad_norm_sparse(params, cfg.grad_clip)
@@ -557,7 +588,13 @@ def _fit(
         if taus:
             result.tau_trajectory.extend(torch.stack(taus).cpu().tolist())
             taus.clear()
-        tot = float(tot)
+        if world > 1:  # the epoch's loss over every process's examples
+            agg = torch.tensor([float(tot), float(seen)], dtype=torch.float64,
+                               device=_collective_device(device))  # fmt: skip
+            torch.distributed.all_reduce(agg)
+            tot, seen_all = float(agg[0]), int(agg[1])
+        else:
+            tot, seen_all = float(tot), seen
         secs = time.perf_counter() - t0
         rec = None
         if valid is not None:
@@ -568,12 +605,12 @@ def _fit(
             )
         entry = {
             "epoch": epoch,
-            "loss": tot / max(seen, 1),
+            "loss": tot / max(seen_all, 1),
             "valid_recall": rec,
             "tau": float(model.similarity.tau.detach()),
-            "examples": seen * world,
+            "examples": seen_all,
             "seconds": secs,
-            "examples_per_s": seen * world / secs if secs > 0 else float("nan"),
+            "examples_per_s": seen_all / secs if secs > 0 else float("nan"),
         }
         result.history.append(entry)
         if valid is None:
@@ -662,6 +699,42 @@ class LazyAdam(torch.optim.Optimizer):
                 step_size = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
                 p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)
         return loss
+
+
+class _TrainStep(nn.Module):
+    """The model behind one callable, so that DistributedDataParallel sees every forward.
+
+    ``forward(compute)`` returns ``compute(model)``: the batch's loss, with any extra
+    objective, computed through the towers (DDP hooks the parameters' gradients and needs
+    the forward to go through its own ``__call__``).
+    """
+
+    def __init__(self, model: TwoTowerModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, compute: Callable[[TwoTowerModel], torch.Tensor]) -> torch.Tensor:
+        return compute(self.model)
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    """Where small collective tensors live: the GPU under nccl, else the CPU (gloo)."""
+    if torch.distributed.get_backend() == "nccl":
+        return device if device.type == "cuda" else torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _subset(data: Any, rows: np.ndarray) -> Any:
+    """The rows ``rows`` of an examples dataclass (obs dicts and per-row arrays)."""
+    n = len(data)
+    kw = {}
+    for f in dataclasses.fields(data):
+        v = getattr(data, f.name)
+        if isinstance(v, dict):
+            kw[f.name] = take_obs(v, rows)
+        elif isinstance(v, np.ndarray) and v.shape[:1] == (n,):
+            kw[f.name] = v[rows]
+    return dataclasses.replace(data, **kw)
 
 
 @torch.no_grad()

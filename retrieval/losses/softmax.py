@@ -87,7 +87,7 @@ class _SampledSoftmaxFn(torch.autograd.Function):
     - ``derived``: ``L = log(sum_j e^{x_j}) - t`` (positive NOT in the denominator), and 0 for
       a row without any valid negative.
 
-    The buffer is reused by the backward, so the graph can be backpropagated once only.
+    The buffer is kept for the backward, which scales the small factors instead of it.
     """
 
     @staticmethod
@@ -137,29 +137,25 @@ class _SampledSoftmaxFn(torch.autograd.Function):
             loss = m + torch.log(z) - pos_term
         ctx.save_for_backward(q, keys, e, z, e_pos, has)
         ctx.derived = derived
-        ctx.consumed = False
         return loss  # (B,)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        if ctx.consumed:
-            raise RuntimeError(
-                "the sampled softmax reuses its score buffer in backward: backpropagate its "
-                "graph once (retain_graph=True with a second backward is not supported)"
-            )
-        ctx.consumed = True
         q, keys, e, z, e_pos, has = ctx.saved_tensors
         mm_dtype, q_dtype, keys_dtype, pos_dtype = ctx.dtypes
         g = g.to(z.dtype)
         coef = g / z  # (B,)
         if has is not None:
             coef = torch.where(has, coef, torch.zeros_like(coef))
-        grad = e.mul_(coef[:, None])  # (B, M) dL/dx = g exp(x - m) / Z, in place
-        if grad.dtype != mm_dtype:  # bf16 autocast: the backward products in bf16 too
-            grad = grad.to(mm_dtype)
+        # dL/dx = coef_b exp(x - m) (B, M); the row scale coef is applied to the (B, d) factor
+        # and result instead of the (B, M) matrix, one pass over it fewer:
+        # grad_q = diag(coef) E K,  grad_keys = E^T diag(coef) Q
+        if e.dtype != mm_dtype:  # bf16 autocast: the backward products in bf16 too
+            e = e.to(mm_dtype)
             q, keys = q.to(mm_dtype), keys.to(mm_dtype)
-        grad_q = (grad @ keys).to(q_dtype) if ctx.needs_input_grad[0] else None  # (B, d)
-        grad_keys = (grad.T @ q).to(keys_dtype) if ctx.needs_input_grad[1] else None  # (M, d)
+        c = coef[:, None].to(e.dtype)  # (B, 1)
+        grad_q = ((e @ keys) * c).to(q_dtype) if ctx.needs_input_grad[0] else None  # (B, d)
+        grad_keys = (e.T @ (q * c)).to(keys_dtype) if ctx.needs_input_grad[1] else None  # (M, d)
         grad_pos = None
         if ctx.needs_input_grad[3]:
             if ctx.derived:

@@ -422,7 +422,7 @@ class MeanPoolUserTower(UserTower):
         h = self._history(history)
         w = self._weights(h)  # (B, L), 0 on padding
         enc = self.item_encoder
-        if isinstance(enc, IDItemTower) and not torch.is_autocast_enabled(w.device.type):
+        if isinstance(enc, IDItemTower):
             # An ID table: gather and weighted sum in one kernel (embedding_bag), without the
             # (B, L, d) tensor of history vectors and its gradient (half the time of the
             # gather + mask + bmm path on one CPU thread). Same sum: padding has weight 0.
