@@ -452,6 +452,11 @@ def _fit(
     if n_ex == 0:
         raise ValueError("no training examples in train_log (no positives?)")
     example_group = None
+    if batch_groups is not None and world > 1:
+        raise ValueError(
+            "batch_groups is not supported under torch.distributed (processes would step "
+            "different numbers of group batches)"
+        )
     if batch_groups is not None:
         ex_user = obs_users(data.obs)  # (n_ex,)
         if ex_user.size and ex_user.max() >= batch_groups.size:
@@ -540,7 +545,7 @@ def _fit(
         order = (
             rng.permutation(n_ex)
             if example_group is None
-            else _grouped_order(rng, example_group, cfg.batch_size * world)
+            else _grouped_order(rng, example_group, cfg.batch_size)
         )
         t0 = time.perf_counter()
         tot: float | torch.Tensor = 0.0
@@ -551,6 +556,8 @@ def _fit(
         )
         for step in bar:
             rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            if rows.size == 0:  # batch_groups (one process): fewer full batches than steps
+                continue
             if cfg.frequency == "sketch":
                 freq.update(_targets_of(data, rows, impression, causal))
             batch = None
@@ -737,7 +744,6 @@ def _subset(data: Any, rows: np.ndarray) -> Any:
     return dataclasses.replace(data, **kw)
 
 
-@torch.no_grad()
 def _grouped_order(rng: np.random.Generator, group: np.ndarray, batch: int) -> np.ndarray:
     """An epoch's example order whose consecutive runs of ``batch`` share one group.
 
@@ -760,6 +766,7 @@ def _grouped_order(rng: np.random.Generator, group: np.ndarray, batch: int) -> n
     return perm[(first[:, None] + np.arange(batch)[None, :]).ravel()]
 
 
+@torch.no_grad()
 def _clip_grad_norm_sparse(params: list[nn.Parameter], max_norm: float) -> None:
     """``clip_grad_norm_`` (2-norm over all gradients) that also accepts sparse gradients.
 

@@ -62,13 +62,13 @@ def test_fit_two_tower_trains_on_group_homogeneous_batches(monkeypatch):
     world, log, seq = _log()
     groups = world.users.group.astype(np.int64)
     seen: list[np.ndarray] = []
-    real = train_mod._batch_loss
+    real = train_mod._batch_tensors  # where each batch's rows are taken from the examples
 
-    def spy(model, loss_fn, data, rows, *args, **kwargs):
+    def spy(data, rows, *args, **kwargs):
         seen.append(groups[obs_users(data.obs)[rows]])
-        return real(model, loss_fn, data, rows, *args, **kwargs)
+        return real(data, rows, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "_batch_loss", spy)
+    monkeypatch.setattr(train_mod, "_batch_tensors", spy)
     loss = RetrievalLossConfig(negatives=NegativeSamplerConfig(in_batch=True))
     cfg = TrainConfig(epochs=1, batch_size=16, seed=0, progress=False, patience=0, threads=1)
     res = fit_two_tower(_model(world.n_items), loss, log, seq, cfg, batch_groups=groups)
