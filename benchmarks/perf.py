@@ -12,7 +12,8 @@ The simulator's speed (``BatchedRecEnv`` vs ``SyncVectorEnv``, world builds) is 
   and catalog; the per-operator profile of a step (``torch.profiler``);
 - devices (``--device cuda``, or ``device_section="on"``): the same pair at the sizes of
   issue 11 (100k items / d64 / batch 1,024 + 4,096 uniform; 1M / d128 / 8,192 + 8,192; 10M /
-  d128 / 16,384 + 16,384), fp32 and bf16, on synthetic click logs;
+  d128 / 16,384 + 16,384), fp32 and bf16, on synthetic click logs. On a GPU, this section
+  alone: ``python -m benchmarks perf --device cuda --threads 4 --set sections=devices``;
 - index: queries/s of the exact :class:`retrieval.index.ItemIndex` against a best-effort
   torch matmul + top-k over the same chunks and score buffer
   (:func:`benchmarks.search.torch_topk`) and faiss ``IndexFlatIP``, scaling in N; HNSW and
@@ -84,6 +85,7 @@ _TRAINED_WORLDS = ("full", "quick", "tiny")
 _HISTORY = 32  # L: history items mean-pooled by the user tower (both loops)
 _USER_POSITIVES = 32  # other positives of each user masked out of its negatives (both loops)
 _SECTIONS = ("auto", "on", "off")
+_PARTS = ("training", "devices", "index")
 
 
 def _size(spec: str) -> tuple[int, int, int, int]:
@@ -106,6 +108,10 @@ class PerfConfig(ExperimentConfig):
     """Speed of the training loop and the index, each against a reference."""
 
     threads: int = param(1, "torch and faiss threads of every measurement (the bars are 1-thread)")
+    sections: tuple[str, ...] = param(
+        ("training", "devices", "index"),
+        "sections to run (devices: see device_section); e.g. --set sections=devices on a GPU",
+    )
     # training
     train_items: int = param(100_000, "catalog of the training world")
     train_episodes: int = param(10_000, "user episodes logged on the training world")
@@ -196,6 +202,10 @@ class PerfConfig(ExperimentConfig):
             )
         if not isinstance(self.train_bf16, bool):
             raise ValueError(f"train_bf16 must be a bool, got {self.train_bf16!r}")
+        if not self.sections or any(x not in _PARTS for x in self.sections):
+            raise ValueError(
+                f"sections must be a non-empty subset of {_PARTS}, got {self.sections!r}"
+            )
         if self.device_section not in _SECTIONS:
             raise ValueError(
                 f"device_section must be one of {_SECTIONS}, got {self.device_section!r}"
@@ -1143,6 +1153,20 @@ def _index_section(cfg: PerfConfig, ctx: RunContext, rep: Any, seed: int) -> dic
     }
 
 
+def _device_findings(cfg: PerfConfig, rep: Any, dev: dict[str, Any]) -> None:
+    """The device bar: fit_two_tower / bare loop at ``device_ratio_items``, fp32 and bf16."""
+    for (n, precision), (ours_r, bare_r) in dev["runs"].items():
+        if n != cfg.device_ratio_items:
+            continue
+        rep.finding(
+            f"On {dev['device']}, fit_two_tower runs at least {cfg.target_device_ratio:g}x "
+            f"the bare loop at {n:,} items ({precision})",
+            ratio_effect(ours_r, bare_r, bar=cfg.target_device_ratio, unit="alternating runs"),
+            metric="examples/s ratio fit_two_tower / bare loop",
+            direction=">",
+        )
+
+
 # --------------------------------------------------------------------------- the experiment
 
 
@@ -1159,8 +1183,8 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
     seed = ctx.seeds[0]
     load0 = os.getloadavg()
     rep = ctx.report
-    run_device = cfg.device_section == "on" or (
-        cfg.device_section == "auto" and ctx.device != "cpu"
+    run_device = "devices" in cfg.sections and (
+        cfg.device_section == "on" or (cfg.device_section == "auto" and ctx.device != "cpu")
     )
     rep.section(
         "Setup",
@@ -1170,20 +1194,42 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
         f"(1 min). Ratios compare measurements taken in this process, alternating where stated.",
     )
     later = _Later()  # the sections' tables and figures go after the side-by-side table
-    dev = None
+    dev = train = idx = None
     try:
-        with ctx.timer("training world"):
-            env_cfg = EnvConfig(world=WorldConfig(n_items=cfg.train_items))
-            world = World(env_cfg.world, seed=seed, user_model=env_cfg.user_model)
-        train = _train_section(cfg, ctx, later, seed, world, env_cfg)
-        del world
+        if "training" in cfg.sections:
+            with ctx.timer("training world"):
+                env_cfg = EnvConfig(world=WorldConfig(n_items=cfg.train_items))
+                world = World(env_cfg.world, seed=seed, user_model=env_cfg.user_model)
+            train = _train_section(cfg, ctx, later, seed, world, env_cfg)
+            del world
         if run_device:
             dev = _device_section(cfg, ctx, later, seed)
-        idx = _index_section(cfg, ctx, later, seed)
+        if "index" in cfg.sections:
+            idx = _index_section(cfg, ctx, later, seed)
     except BaseException:
         later.replay(rep)  # keep what was measured before the failure
         raise
     load1 = os.getloadavg()
+    if train is None or idx is None:  # a partial run: its sections and findings only
+        if dev is not None:
+            _device_findings(cfg, rep, dev)
+        rep.add_result("load_average", {"start": list(load0), "end": list(load1)})
+        later.replay(rep)
+        rep.headline(
+            "partial run ("
+            + ", ".join(cfg.sections)
+            + ")"
+            + (
+                ""
+                if dev is None
+                else "; device: "
+                + ", ".join(
+                    f"{r['items']:,} {r['precision']} {r['ratio ours/bare']:.2f}x bare"
+                    for r in dev["rows"]
+                )
+            )
+        )
+        return
 
     dense, sparse, bf16 = train["dense"], train["sparse"], train["bf16"]
     big = idx["big"]
@@ -1256,16 +1302,7 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
             direction=">",
         )  # fmt: skip
     if dev is not None:
-        for (n, precision), (ours_r, bare_r) in dev["runs"].items():
-            if n != cfg.device_ratio_items:
-                continue
-            rep.finding(
-                f"On {dev['device']}, fit_two_tower runs at least {cfg.target_device_ratio:g}x "
-                f"the bare loop at {n:,} items ({precision})",
-                ratio_effect(ours_r, bare_r, bar=cfg.target_device_ratio, unit="alternating runs"),
-                metric="examples/s ratio fit_two_tower / bare loop",
-                direction=">",
-            )
+        _device_findings(cfg, rep, dev)
     pu = idx["per_user"]
     rep.finding(
         f"Sparse table gradients lose at most {cfg.sparse_recall_tolerance:g} test recall@100 "
