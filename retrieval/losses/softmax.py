@@ -110,7 +110,11 @@ class _SampledSoftmaxFn(torch.autograd.Function):
                 e.add_(neg_bias[None, :].float())  # - log Q(d_j)
             pos_term = pos_term.float()
         elif neg_bias is not None:
-            e = torch.addmm(neg_bias[None, :], q, keys.T)  # (B, M) f(u, d_j) - log Q(d_j)
+            # the bias rides in the product as one more coordinate, [q, 1] . [k_j, b_j]:
+            # addmm would first copy the broadcast bias into the (B, M) output, a full pass
+            qa = torch.cat([q, q.new_ones(q.shape[0], 1)], dim=1)  # (B, d + 1)
+            ka = torch.cat([keys, neg_bias[:, None].to(keys.dtype)], dim=1)  # (M, d + 1)
+            e = qa @ ka.T  # (B, M) f(u, d_j) - log Q(d_j)
         else:
             e = q @ keys.T  # (B, M) f(u, d_j)
         ctx.dtypes = (mm_dtype, q.dtype, keys.dtype, pos_term.dtype)
