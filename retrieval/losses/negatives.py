@@ -32,6 +32,7 @@ from retrieval.distributed import (
     is_distributed,
     world_info,
 )
+from retrieval.frequency import ExactItemFrequency
 from retrieval.losses._common import (
     LOGQ_SCALES,
     LOGQ_VARIANTS,
@@ -235,6 +236,8 @@ class _SampledBase(nn.Module):
         self._queue_fill = 0
         self._pool: torch.Tensor | None = None  # item ids uniform/popularity draws come from
         self._in_pool: torch.Tensor | None = None  # (N,) bool
+        # the frequency of the last batches, as a table on the device: (source, version, it)
+        self._freq_cache: tuple[Any, Any, _Frequency] | None = None
 
     def set_sample_pool(self, item_ids: torch.Tensor | np.ndarray | None) -> None:
         """Restrict uniform and popularity negatives to these items (None: the whole catalog).
@@ -297,6 +300,29 @@ class _SampledBase(nn.Module):
 
     # ---- negatives ------------------------------------------------------------------------
 
+    def _frequency(self, frequency: FrequencyLike, device: torch.device) -> _Frequency:
+        """``frequency`` as a :class:`_Frequency`, validated once and kept while it is unchanged.
+
+        Exact counts become one probability table on the device (the logQ of a batch is then
+        a gather, with no host round trip per step); a tensor is checked once per version; a
+        count-min sketch (updated every batch) and functions are read per batch as given.
+        """
+        if isinstance(frequency, ExactItemFrequency):
+            version: Any = frequency.total
+        elif torch.is_tensor(frequency):
+            version = frequency._version
+        else:
+            return _Frequency(frequency, self.n_items, device)
+        c = self._freq_cache
+        if c is not None and c[0] is frequency and c[1] == version and c[2].device == device:
+            return c[2]
+        source = frequency
+        if isinstance(frequency, ExactItemFrequency):
+            source = torch.as_tensor(frequency.all_probabilities(), device=device)
+        freq = _Frequency(source, self.n_items, device)
+        self._freq_cache = (frequency, version, freq)
+        return freq
+
     def _negatives(
         self,
         pos_keys: torch.Tensor,
@@ -319,7 +345,7 @@ class _SampledBase(nn.Module):
                 f"frequency is required with logq={cfg.logq!r}, in_batch={cfg.in_batch}, "
                 f"memory_queue={cfg.memory_queue}, popularity={cfg.popularity}"
             )
-        freq = _Frequency(frequency, self.n_items, device) if frequency is not None else None
+        freq = self._frequency(frequency, device) if frequency is not None else None
 
         keys: list[torch.Tensor] = []
         ids: list[torch.Tensor] = []
