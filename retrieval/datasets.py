@@ -866,21 +866,27 @@ def full_catalog_top_k(
     was = model.training
     model.eval()
     sim = model.similarity
-    items = sim.prepare(model.all_item_vectors())  # (N, d)
-    rel = None if release_time is None else torch.as_tensor(release_time, dtype=torch.float64)
+    items = sim.prepare(model.all_item_vectors())  # (N, d), on the model's device
+    dev = items.device
+    rel = (
+        None
+        if release_time is None
+        else torch.as_tensor(release_time, dtype=torch.float64, device=dev)
+    )
     out = np.empty((len(ev), k), dtype=np.int64)
     for lo in range(0, len(ev), batch_size):
         hi = min(len(ev), lo + batch_size)
         rows = np.arange(lo, hi)
-        u = sim.prepare(model.user_vectors(to_torch_obs(take_obs(ev.obs, rows))))  # (b, d)
+        obs = {key: v.to(dev) for key, v in to_torch_obs(take_obs(ev.obs, rows)).items()}
+        u = sim.prepare(model.user_vectors(obs))  # (b, d)
         sc = u @ items.T  # (b, N); the temperature does not change the order
         if rel is not None:
-            now = torch.from_numpy(ev.time[rows])
+            now = torch.from_numpy(ev.time[rows]).to(dev)
             sc.masked_fill_(rel[None, :] > now[:, None], float("-inf"))
         if seen is not None:
             r, c = seen.rows(lo, hi)
-            sc[torch.from_numpy(r), torch.from_numpy(c)] = float("-inf")
-        out[lo:hi] = torch.topk(sc, k, dim=1).indices.numpy()
+            sc[torch.from_numpy(r).to(dev), torch.from_numpy(c).to(dev)] = float("-inf")
+        out[lo:hi] = torch.topk(sc, k, dim=1).indices.cpu().numpy()
     model.train(was)
     return out
 

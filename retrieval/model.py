@@ -181,7 +181,7 @@ class TwoTowerGenerator(CandidateGenerator):
 
     def _score(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         u = self.user_vectors({k: v for k, v in obs.items()})
-        return (u @ self.item_vectors.T).numpy()
+        return (u @ self.item_vectors.T).cpu().numpy()  # results back from the model's device
 
     def _check_obs(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = super()._check_obs(obs)
