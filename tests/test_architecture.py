@@ -30,6 +30,9 @@ PUBLIC_DATA = {
     "simenv.arrays",
     "simenv.clock",
     "simenv.export",
+    "simenv.checkpoint",  # the one checkpoint format (files on disk, no world)
+    "simenv.device",  # devices and precision of the torch code (no world)
+    "simenv.config",  # check_range, the project's one number validator (configs hold no truth)
 }
 # package -> top-level packages it must not import
 FORBIDDEN = {
@@ -46,6 +49,8 @@ HIDDEN_READERS = {
     ("benchmarks/common.py", "items"): "evaluation helpers: item segments, folding metrics",
     ("benchmarks/common.py", "users"): "evaluation helpers: the users' groups for folding",
     ("benchmarks/folding.py", "users"): "evaluation: folding is measured on the hidden groups",
+    ("benchmarks/ann.py", "items"): "search benchmark data: the world's item vectors (issue 11)",
+    ("benchmarks/ann.py", "users"): "search benchmark data: users' preferences as the queries",
 }
 
 
