@@ -46,6 +46,7 @@ from retrieval.frequency import CountMinSketch, ExactItemFrequency
 from retrieval.losses import RetrievalLossConfig, build_loss
 from retrieval.model import TwoTowerModel
 from retrieval.towers.item import IDItemTower
+from simenv.checkpoint import check_weights
 from simenv.checkpoint import load_checkpoint as load_checkpoint_file
 from simenv.checkpoint import save_checkpoint as save_checkpoint_file
 from simenv.clock import released
@@ -292,10 +293,11 @@ def load_checkpoint(
             not fit ``model``.
     """
     payload = load_checkpoint_file(path, CHECKPOINT_FORMAT, catalog)
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as e:  # missing / unexpected keys, other shapes
-        raise ValueError(f"{path} does not fit this model: {e}") from e
+    try:  # names, dtypes, shapes and finiteness of every weight, before any is copied
+        check_weights(path, model.state_dict(), payload["state_dict"])
+    except ValueError as e:
+        raise ValueError(f"{e} (the checkpoint does not fit this model)") from e
+    model.load_state_dict(payload["state_dict"])
     return payload
 
 

@@ -38,6 +38,21 @@ def test_round_trip_restores_weights_and_checks_the_catalog(catalogs, tmp_path):
     small = TwoTowerModel.build(TwoTowerConfig(), World(WorldConfig.small(n_items=50)).catalog)
     with pytest.raises(ValueError, match="does not fit this model"):
         load_checkpoint(small, path)
+    # a NaN weight (with a matching digest: crafted, not damaged) is refused before loading
+    payload = torch.load(path, weights_only=True)
+    key = next(iter(payload["state_dict"]))
+    payload["state_dict"][key] = torch.full_like(payload["state_dict"][key], float("nan"))
+    from simenv.checkpoint import payload_digest
+
+    payload["sha256"] = payload_digest(payload)
+    torch.save(payload, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match="holds NaN"):
+        load_checkpoint(fresh, tmp_path / "nan.pt")
+    # a flipped value without a matching digest: the damage a bad byte does
+    payload["state_dict"][key] = torch.zeros_like(payload["state_dict"][key])
+    torch.save(payload, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="do not match the SHA-256"):
+        load_checkpoint(fresh, tmp_path / "damaged.pt")
 
 
 def test_foreign_crafted_and_missing_files_are_refused(catalogs, tmp_path):
