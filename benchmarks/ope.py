@@ -75,12 +75,15 @@ class OPEConfig(ExperimentConfig):
     truth_draws: int = param(4, "slates drawn per step for a stochastic target's truth")
     online_users: int = param(1_000, "users of each target's online run")
     calibration_requests: int = param(20_000, "logged requests that calibrate the click model")
+    horizon: int = param(0, "slates per episode (0: the profile's horizon; smoke tests cut it)")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.behaviour_epsilon <= 1.0:
             raise ValueError(
                 f"behaviour_epsilon must be in (0, 1] (full support), got {self.behaviour_epsilon}"
             )
+        if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 0:
+            raise ValueError(f"horizon must be an integer >= 0, got {self.horizon!r}")
         if not self.train_episodes_per_user > 0:
             raise ValueError(
                 f"train_episodes_per_user must be > 0, got {self.train_episodes_per_user}"
@@ -211,7 +214,9 @@ def run(cfg: OPEConfig, ctx: RunContext) -> None:
         ]
         target_names = [t.name for t in targets]
         # ---- the evaluation log, with the truth at every logged state
-        env = BatchedRecEnv(min(cfg.log_users, SLOTS), data.env, world=world)
+        env = BatchedRecEnv(
+            min(cfg.log_users, SLOTS), data.env, world=world, max_episode_steps=cfg.horizon or None
+        )
         behaviour = PopularityPolicy(
             world, k, cfg.behaviour_epsilon, seed=ctx.seed_int(seed, "behaviour")
         )

@@ -97,6 +97,9 @@ class RLConfig(ExperimentConfig):
     joint_rounds: int = param(1, "rounds of the two-agent joint training")
     eval_users: int = param(600, "users per evaluation rollout")
     ppo_steps: int = param(16_384, "SB3 PPO env steps on RecEnv-small-v0 (0 skips PPO)")
+    horizon: int = param(
+        0, "slates per episode online (0: the profile's horizon; smoke tests cut it)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("ranker_epochs", "epochs", "quota", "rf_epochs", "rf_requests",
@@ -104,7 +107,7 @@ class RLConfig(ExperimentConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("online_rounds", "joint_rounds", "ppo_steps"):
+        for name in ("online_rounds", "joint_rounds", "ppo_steps", "horizon"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
@@ -220,7 +223,12 @@ def run(cfg: RLConfig, ctx: RunContext) -> None:
         ctx.log(
             f"seed {seed}: ranker {t_r.seconds:.0f} s, supervised generator {t_s.seconds:.0f} s"
         )
-        env = BatchedRecEnv(min(cfg.online_users, SLOTS), data.env, world=world)
+        env = BatchedRecEnv(
+            min(cfg.online_users, SLOTS),
+            data.env,
+            world=world,
+            max_episode_steps=cfg.horizon or None,
+        )
         # ---- 3. REINFORCE from the log, then online (long-term and myopic)
         agents, walls = {}, {}
         for gamma, label in (
@@ -282,7 +290,9 @@ def run(cfg: RLConfig, ctx: RunContext) -> None:
                 two_tower_generator(sup, data), ranker, k, cfg.quota, "supervised"
             ),
         }
-        eval_env = BatchedRecEnv(min(cfg.eval_users, SLOTS), data.env, world=world)
+        eval_env = BatchedRecEnv(
+            min(cfg.eval_users, SLOTS), data.env, world=world, max_episode_steps=cfg.horizon or None
+        )
         everyone = {**base, **agents, "oracle (greedy utility)": OracleAgent(eval_env)}
         out = {}
         for name, ag in ctx.progress(list(everyone.items()), desc=f"seed {seed} online"):

@@ -17,13 +17,13 @@ from benchmarks.runner import run_experiment
 SMOKE = {
     "rl": {
         "episodes_per_user": "0.15", "ranker_epochs": "1", "epochs": "1", "quota": "30",
-        "rf_requests": "300", "online_rounds": "1", "online_users": "20", "joint_rounds": "1",
-        "eval_users": "20", "ppo_steps": "0",
+        "rf_requests": "300", "online_rounds": "1", "online_users": "12", "joint_rounds": "1",
+        "eval_users": "12", "ppo_steps": "0", "horizon": "30",
     },
     "ope": {
-        "train_episodes_per_user": "0.15", "log_users": "60", "sizes": "20,50", "replicates": "20",
+        "train_episodes_per_user": "0.15", "log_users": "40", "sizes": "20,50", "replicates": "20",
         "quota": "30", "ranker_epochs": "1", "epochs": "1", "truth_draws": "1",
-        "online_users": "20", "calibration_requests": "300",
+        "online_users": "10", "calibration_requests": "300", "horizon": "30",
     },
 }  # fmt: skip
 
