@@ -1210,30 +1210,66 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
         later.replay(rep)  # keep what was measured before the failure
         raise
     load1 = os.getloadavg()
-    if train is None or idx is None:  # a partial run: its sections and findings only
-        if dev is not None:
-            _device_findings(cfg, rep, dev)
-        rep.add_result("load_average", {"start": list(load0), "end": list(load1)})
-        later.replay(rep)
-        rep.headline(
-            "partial run ("
-            + ", ".join(cfg.sections)
-            + ")"
-            + (
-                ""
-                if dev is None
-                else "; device: "
-                + ", ".join(
-                    f"{r['items']:,} {r['precision']} {r['ratio ours/bare']:.2f}x bare"
-                    for r in dev["rows"]
-                )
+    rows: list[dict[str, Any]] = []
+    if train is not None:
+        rows += _training_rows(train)
+    if idx is not None:
+        rows += _index_rows(cfg, idx)
+    if dev is not None:
+        rows += [
+            {"figure": f"{dev['device']} ex/s, {r['items']:,} items ({r['precision']})",
+             "measured": "fit_two_tower", "reference": "bare torch loop",
+             "ratio": r["ratio ours/bare"]}
+            for r in dev["rows"]
+        ]  # fmt: skip
+    rep.table(
+        "Side by side (ratios measured in this run)",
+        rows,
+        fmt={"ratio": ".2f"},
+        note=f"Load average (1 min) {load0[0]:.2f} at start, {load1[0]:.2f} at the end, on "
+        f"{os.cpu_count()} CPUs. An empty ANN ratio means no setting reached the recall.",
+    )
+    # findings: the bars of the issues, each from its repetitions, for the sections that ran
+    if train is not None:
+        _training_findings(cfg, rep, train)
+    if dev is not None:
+        _device_findings(cfg, rep, dev)
+    if idx is not None:
+        _index_findings(cfg, rep, idx)
+    rep.add_result("load_average", {"start": list(load0), "end": list(load1)})
+    later.replay(rep)
+    parts = []
+    if train is not None:
+        dense, sparse, bf16 = train["dense"], train["sparse"], train["bf16"]
+        bf = "" if bf16 is None else f", {bf16['ours']:,.0f} bf16"
+        parts.append(
+            f"training {dense['ours']:,.0f} ex/s dense ({dense['ratio']:.2f}x bare), "
+            f"{sparse['ours']:,.0f} sparse ({sparse['ratio']:.2f}x bare){bf}"
+        )
+    if dev is not None:
+        parts.append(
+            f"{dev['device']}: "
+            + ", ".join(
+                f"{r['items']:,} {r['precision']} {r['ratio ours/bare']:.2f}x bare"
+                for r in dev["rows"]
             )
         )
-        return
+    if idx is not None:
+        best = idx["best"]
+        ann = (
+            "none"
+            if best is None
+            else f"{best[0]} {best[1]:.1f}x exact at recall>={cfg.target_ann_recall:g}"
+        )
+        parts.append(
+            f"exact index {idx['big']['exact / torch']:.2f}x torch at N={cfg.index_items:,}; "
+            f"ANN: {ann}"
+        )
+    rep.headline("; ".join(parts))
 
+
+def _training_rows(train: dict[str, Any]) -> list[dict[str, Any]]:
     dense, sparse, bf16 = train["dense"], train["sparse"], train["bf16"]
-    big = idx["big"]
-    best = idx["best"]
     rows = [
         {"figure": "training ex/s (dense)", "measured": "fit_two_tower",
          "reference": "bare torch loop", "ratio": dense["ratio"]},
@@ -1249,7 +1285,12 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
             {"figure": "training ex/s", "measured": "bf16 autocast",
              "reference": "fp32", "ratio": bf16["ours"] / dense["ours"]},
         ]  # fmt: skip
-    rows += [
+    return rows
+
+
+def _index_rows(cfg: PerfConfig, idx: dict[str, Any]) -> list[dict[str, Any]]:
+    big, best = idx["big"], idx["best"]
+    return [
         {"figure": f"exact top-{cfg.index_k} q/s, N={cfg.index_items:,}",
          "measured": "ItemIndex exact", "reference": "torch matmul+topk (same chunks)",
          "ratio": big["exact / torch"]},
@@ -1260,15 +1301,10 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
          "measured": "best of HNSW / IVF" if best is None else best[0].upper(),
          "reference": "exact", "ratio": float("nan") if best is None else best[1]},
     ]  # fmt: skip
-    rep.table(
-        "Side by side (ratios measured in this run)",
-        rows,
-        fmt={"ratio": ".2f"},
-        note=f"Load average (1 min) {load0[0]:.2f} at start, {load1[0]:.2f} at the end, on "
-        f"{os.cpu_count()} CPUs. An empty ANN ratio means no setting reached the recall.",
-    )
 
-    # findings: the bars of the issues, each from its repetitions
+
+def _training_findings(cfg: PerfConfig, rep: Any, train: dict[str, Any]) -> None:
+    dense, sparse, bf16 = train["dense"], train["sparse"], train["bf16"]
     fastest = max((dense, sparse), key=lambda m: m["ours"])
     which = "sparse table gradients" if fastest is sparse else "dense fused AdamW"
     rep.finding(
@@ -1301,8 +1337,10 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
             metric="examples/s ratio fit_two_tower / bare loop",
             direction=">",
         )  # fmt: skip
-    if dev is not None:
-        _device_findings(cfg, rep, dev)
+
+
+def _index_findings(cfg: PerfConfig, rep: Any, idx: dict[str, Any]) -> None:
+    best = idx["best"]
     pu = idx["per_user"]
     rep.finding(
         f"Sparse table gradients lose at most {cfg.sparse_recall_tolerance:g} test recall@100 "
@@ -1329,35 +1367,22 @@ def run(cfg: PerfConfig, ctx: RunContext) -> None:
             passed=False,
             evidence="no setting of the sweep reached the recall",
         )
-    else:
-        recall, t_ann, t_ex = idx["verified"]
-        note = f"chosen on half of the users: {best[0]} {best[2].label}; measured on the other half"
-        rep.finding(
-            f"The chosen HNSW / IVF setting keeps recall@{cfg.index_k} >= "
-            f"{cfg.target_ann_recall:g} on held-out users (trained item vectors, "
-            f"{idx['n_trained']:,} items)",
-            one_sample_effect(recall, cfg.target_ann_recall, unit="users"),
-            metric=f"recall@{cfg.index_k} against exact",
-            direction=">",
-            note=note,
-        )
-        rep.finding(
-            f"... at >= {cfg.target_ann_speedup:g}x the exact queries/s",
-            ratio_effect(t_ann, t_ex, bar=cfg.target_ann_speedup, unit="alternating runs"),
-            metric="queries/s ratio approximate / exact",
-            direction=">",
-            note=note,
-        )
-    rep.add_result("load_average", {"start": list(load0), "end": list(load1)})
-    later.replay(rep)
-    ann = (
-        "none"
-        if best is None
-        else f"{best[0]} {best[1]:.1f}x exact at recall>={cfg.target_ann_recall:g}"
+        return
+    recall, t_ann, t_ex = idx["verified"]
+    note = f"chosen on half of the users: {best[0]} {best[2].label}; measured on the other half"
+    rep.finding(
+        f"The chosen HNSW / IVF setting keeps recall@{cfg.index_k} >= "
+        f"{cfg.target_ann_recall:g} on held-out users (trained item vectors, "
+        f"{idx['n_trained']:,} items)",
+        one_sample_effect(recall, cfg.target_ann_recall, unit="users"),
+        metric=f"recall@{cfg.index_k} against exact",
+        direction=">",
+        note=note,
     )
-    bf = "" if bf16 is None else f", {bf16['ours']:,.0f} bf16"
-    rep.headline(
-        f"training {dense['ours']:,.0f} ex/s dense ({dense['ratio']:.2f}x bare), "
-        f"{sparse['ours']:,.0f} sparse ({sparse['ratio']:.2f}x bare){bf}; "
-        f"exact index {big['exact / torch']:.2f}x torch at N={cfg.index_items:,}; ANN: {ann}"
+    rep.finding(
+        f"... at >= {cfg.target_ann_speedup:g}x the exact queries/s",
+        ratio_effect(t_ann, t_ex, bar=cfg.target_ann_speedup, unit="alternating runs"),
+        metric="queries/s ratio approximate / exact",
+        direction=">",
+        note=note,
     )
