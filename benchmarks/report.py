@@ -268,6 +268,13 @@ class Finding:
             parts.append(
                 f"means {format_number(e.treatment, spec)} vs {format_number(e.control, spec)}"
             )
+        hw = e.half_width
+        if hw is not None and e.scale == "absolute" and e.control:
+            # the interval's precision against the level compared (online: the mean reward)
+            share = format_number(100.0 * hw / abs(e.control), spec)
+            parts.append(f"half-width {format_number(hw, spec)} ({share}% of the control mean)")
+        elif hw is not None and e.scale == "relative":
+            parts.append(f"half-width {format_number(100.0 * hw, spec)}% of the control mean")
         unit = f"n={e.n} {e.unit}"
         if e.n_inner is not None:
             unit += f" ({e.n_inner} units in all)"

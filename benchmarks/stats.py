@@ -565,6 +565,19 @@ class Effect:
             raise ValueError(f"a ratio effect needs a positive bar (null), got {self.null!r}")
 
     @property
+    def half_width(self) -> float | None:
+        """Half the interval's width on the effect's scale (``None`` when undefined).
+
+        For a ratio it is the half-width on the log scale (``log(high / low) / 2``).
+        """
+        if not self.defined:
+            return None
+        lo, hi = float(self.low), float(self.high)  # type: ignore[arg-type]
+        if self.scale == "ratio":
+            return 0.5 * math.log(hi / lo) if lo > 0 else None
+        return 0.5 * (hi - lo)
+
+    @property
     def defined(self) -> bool:
         """True when the interval exists and every bound is finite."""
         vals = (self.estimate, self.low, self.high)

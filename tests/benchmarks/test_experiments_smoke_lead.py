@@ -168,6 +168,7 @@ def test_perf_env(tmp_path):
     assert res["build"]["items"] == 1000 and res["build"]["users"] == 1000
     assert len(res["build"]["seconds"]) == len(res["build"]["peak_bytes"]) == 1
     assert min(res["build"]["seconds"]) > 0 and min(res["build"]["peak_bytes"]) > 0
+    assert len(res["batched_user_steps_per_wall_s"]) == 1 and len(res["build"]["wall_seconds"]) == 1
     scaling = next(t for t in doc["tables"] if t["title"].startswith("Scaling"))
     assert [r["B"] for r in scaling["rows"]] == [10, 100]
     assert all(r["user_steps_per_s"] > 0 for r in scaling["rows"])

@@ -269,3 +269,11 @@ def test_mde_is_detected_with_about_80_percent_power():
         for _ in range(400)
     )
     assert 0.72 <= hits / 400 <= 0.88, hits / 400
+
+
+def test_half_width_on_each_scale():
+    assert Effect(1.0, 0.5, 1.7, 10, "users", "t").half_width == pytest.approx(0.6)
+    assert Effect(
+        2.0, 1.0, 4.0, 5, "reps", "t", scale="ratio", null=1.0
+    ).half_width == pytest.approx(math.log(2.0))
+    assert Effect(1.0, None, None, 1, "users", "t").half_width is None
