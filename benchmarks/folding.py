@@ -95,7 +95,9 @@ class FoldingConfig(OfflineTrainingConfig):
         0.0, "uniform exploration of the behaviour policy (0: every slate stays in the group)"
     )
     compare_epsilon: float | None = param(
-        0.05, "a second log with this exploration, to see random slate items counter folding"
+        0.05,
+        "a second log with this exploration, to see random slate items counter folding "
+        "(impression BCE only)",
     )
     dim: int = param(64, "embedding dimension")
     patience: int = param(2, "epochs (rounds for group batches) without validation gain")
@@ -174,7 +176,9 @@ def run(cfg: FoldingConfig, ctx: RunContext) -> None:
             proxy_agreement.setdefault(data.label, []).append(
                 float((proxy[trained] == data.world.users.group[trained]).mean())
             )
-            for name in ctx.progress(variants, desc=f"seed {seed}, eps {eps:g}"):
+            # the second log serves one finding (impression BCE under exploration): train only that
+            arms = variants if eps == epsilons[0] else [n for n in variants if n == IMPRESSION]
+            for name in ctx.progress(arms, desc=f"seed {seed}, eps {eps:g}"):
                 tcfg = cfg.train_config(seed, ctx.threads, patience=cfg.patience)
                 with ctx.timer("train") as t:
                     model, res, _ = train_two_tower(

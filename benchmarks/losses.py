@@ -54,17 +54,17 @@ def _recipes(quick: bool) -> dict[str, RetrievalLossConfig]:
     out["BPR (mixed neg.)"] = RetrievalLossConfig(
         kind="bpr", negatives=NegativeSamplerConfig(in_batch=True, uniform=1024, logq="none")
     )
-    sources = ("in-batch", "mixed") if quick else tuple(_SOURCES)
-    logqs = ("none", "derived", "negatives_only") if quick else _LOGQ
-    for src in sources:
-        for lq in logqs:
-            out[f"softmax {src} ({_LOGQ_SHORT[lq]})"] = RetrievalLossConfig(
-                kind="sampled_softmax", negatives=NegativeSamplerConfig(**_SOURCES[src], logq=lq)
-            )
+    # every logQ variant where Q is not uniform (in-batch, mixed); uniform negatives once (a
+    # uniform Q shifts every negative's logit by one constant); the memory queue with L_logQ3
+    pairs = [(src, lq) for src in ("in-batch", "mixed") for lq in _LOGQ]
     if quick:
-        out["softmax uniform (no logQ)"] = RetrievalLossConfig(
-            kind="sampled_softmax",
-            negatives=NegativeSamplerConfig(**_SOURCES["uniform"], logq="none"),
+        pairs = [(src, lq) for src, lq in pairs if lq != "positive_and_negatives"]
+    pairs.append(("uniform", "none"))
+    if not quick:
+        pairs.append(("queue", "negatives_only"))
+    for src, lq in pairs:
+        out[f"softmax {src} ({_LOGQ_SHORT[lq]})"] = RetrievalLossConfig(
+            kind="sampled_softmax", negatives=NegativeSamplerConfig(**_SOURCES[src], logq=lq)
         )
     out["full softmax"] = RetrievalLossConfig(kind="full_softmax")
     return out
