@@ -1005,7 +1005,8 @@ def write_index(reports_dir: Path | str, order: Sequence[str] = ()) -> Path:
     rank = {name: i for i, name in enumerate(order)}
     names = sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
     rows = []
-    indicative = False
+    indicative = 0  # rows with the quick profile or one seed
+    readable = 0
     totals = {"HOLDS": 0, "REFUTED": 0, "INCONCLUSIVE": 0, "passed": 0, "failed": 0}
     for name in names:
         doc = found[name]
@@ -1039,8 +1040,10 @@ def write_index(reports_dir: Path | str, order: Sequence[str] = ()) -> Path:
         )
         seeds = doc.get("seeds") or []
         profile = str(doc.get("profile", "—"))
+        readable += 1
         if profile == "quick" or len(seeds) < 2:
-            indicative = True
+            indicative += 1
+            profile += " (indicative)"
         rows.append(
             [
                 link,
@@ -1060,9 +1063,14 @@ def write_index(reports_dir: Path | str, order: Sequence[str] = ()) -> Path:
         "",
     ]
     if indicative:
+        which = (
+            "Quick profile, one seed: verdicts are indicative."
+            if indicative == readable
+            else "Rows marked (indicative) ran the quick profile or one seed: their verdicts are "
+            "indicative."
+        )
         lines += [
-            "**Quick profile or one seed (rows marked so): verdicts are indicative.** The "
-            "published set is the full profile with 3 seeds (`make reports`).",
+            f"**{which}** The published set is the full profile with 3 seeds (`make reports`).",
             "",
         ]
     if rows:

@@ -382,13 +382,18 @@ def test_index_lists_every_experiment_in_order(tmp_path):
         "| 3 passed / 1 failed | 0,1,2 | full | 3.00 s |",
         "| [alpha](alpha/report.md) | ERROR: boom \\| x | ERROR | — | 0,1 | full | — |",
         "| [broken](broken/report.md) | unreadable results.json | — | — | — | — | — |",
-        "| [mid](mid/report.md) | h | no findings | — | 0 | quick | — |",
+        "| [mid](mid/report.md) | h | no findings | — | 0 | quick (indicative) | — |",
     ]
-    # one quick, one-seed report: the index says its verdicts are only indicative
-    assert "verdicts are indicative" in text
+    # one quick, one-seed report among full ones: the index marks its verdicts as indicative
+    assert "Rows marked (indicative) ran the quick profile or one seed" in text
     assert "In all: 2 HOLDS, 1 REFUTED, 0 INCONCLUSIVE; sanity checks 3 passed, 1 failed." in text
     _results(tmp_path, "mid", status="ok", headline="h", seeds=[0, 1, 2], profile="full")
     assert "indicative" not in write_index(tmp_path).read_text()
+    # only quick one-seed reports (make demo): said plainly
+    quick = tmp_path / "quick"
+    _results(quick, "a", status="ok", headline="h", seeds=[0], profile="quick")
+    text = write_index(quick).read_text()
+    assert "**Quick profile, one seed: verdicts are indicative.**" in text
 
 
 def test_index_without_reports(tmp_path):
