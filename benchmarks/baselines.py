@@ -42,7 +42,6 @@ from benchmarks.common import (
     env_config,
     evaluate_per_user,
     mixed_negatives,
-    offline_data,
     train_two_tower,
     two_tower_generator,
     with_test_rows,
@@ -148,7 +147,7 @@ def run(cfg: BaselinesConfig, ctx: RunContext) -> None:
     users = PerUser()
     n_new: dict[int, int] = {}
     for seed in ctx.seeds:
-        data = offline_data(ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user)
+        data = cfg.data(ctx.quick, seed)
         wl = world_label(env_config(ctx.quick), seed)
         trained = np.unique(data.train.positives()[Columns.USER])
         new_rows = np.flatnonzero(~np.isin(data.test_set.user, trained))

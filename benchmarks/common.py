@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -202,15 +202,21 @@ def prepare_offline(
     max_eval_users: int | None = 2_000,
     seed: int = 0,
     label: str = "",
+    max_valid_users: int | None = None,
 ) -> OfflineData:
-    """Split ``log`` by time and build sequences, evaluation sets, counts and segments."""
+    """Split ``log`` by time and build sequences, evaluation sets, counts and segments.
+
+    ``max_eval_users`` caps the test users (the findings' sample) and, unless
+    ``max_valid_users`` is given, the validation users (early stopping and choices).
+    """
     t1, t2 = log.time_quantiles(0.8, 0.9)
     train, valid, test = log.split_by_time(t1, t2)
     n = world.n_items
     seq_train = EventSequences.from_log(train, n)
     seq_trval = EventSequences.from_log(ImpressionLog.concat([train, valid]), n)
     seq_all = EventSequences.from_log(log, n)
-    vs = eval_set(valid, seq_trval, history_length, max_users=max_eval_users, seed=seed)
+    n_valid = max_eval_users if max_valid_users is None else max_valid_users
+    vs = eval_set(valid, seq_trval, history_length, max_users=n_valid, seed=seed)
     ts = eval_set(test, seq_all, history_length, max_users=max_eval_users, seed=seed + 1)
     pos = train.positives()
     counts = np.bincount(pos[Columns.ITEM], minlength=n).astype(np.float64)
@@ -228,14 +234,19 @@ def offline_data(
     policy: str = "popularity",
     epsilon: float = 0.05,
     episodes_per_user: float = 3.0,
+    valid_users: int | None = None,
 ) -> OfflineData:
-    """The standard offline data of a profile (cached within the process)."""
+    """The standard offline data of a profile (cached within the process).
+
+    Test users: 2,000 (full) or 1,000 (quick); validation users: as many, or ``valid_users``.
+    """
     world = get_world(quick, seed)
     log = get_log(quick, seed, policy, epsilon, episodes_per_user)
     label = f"{policy}(eps={epsilon:g}, {episodes_per_user:g} ep/user)"
     return prepare_offline(
-        world, env_config(quick), log, 32, 2_000 if not quick else 1_000, seed, label
-    )
+        world, env_config(quick), log, 32, 2_000 if not quick else 1_000, seed, label,
+        max_valid_users=valid_users,
+    )  # fmt: skip
 
 
 def mixed_negatives(uniform: int = 1024, logq: str = "negatives_only") -> RetrievalLossConfig:
@@ -378,6 +389,9 @@ def set_threads(n: int | None) -> None:
 # --------------------------------------------------------------------------- shared config
 
 
+_C = TypeVar("_C", bound="OfflineTrainingConfig")
+
+
 @dataclass(frozen=True)
 class OfflineTrainingConfig(ExperimentConfig):
     """Fields shared by the offline two-tower experiments: which log, what training budget.
@@ -390,7 +404,12 @@ class OfflineTrainingConfig(ExperimentConfig):
         "popularity", "behaviour policy of the log: uniform, popularity or in-group"
     )
     epsilon: float = param(0.05, "uniform exploration of the behaviour policy, in [0, 1]")
-    episodes_per_user: float = param(3.0, "user episodes logged per user of the world (> 0)")
+    episodes_per_user: float = param(
+        3.0, "user episodes logged per user of the world (> 0; the full profile logs 1.5)"
+    )
+    valid_users: int = param(
+        1000, "validation users (early stopping, choices between variants); test users: 2,000"
+    )
     epochs: int = param(12, "maximum training epochs (early stopping on validation recall@100)")
     batch_size: int = param(1024, "training batch size")
     lr: float = param(3e-3, "learning rate (AdamW)")
@@ -410,7 +429,7 @@ class OfflineTrainingConfig(ExperimentConfig):
             raise ValueError(f"epsilon must lie in [0, 1], got {self.epsilon}")
         if not self.episodes_per_user > 0:
             raise ValueError(f"episodes_per_user must be > 0, got {self.episodes_per_user}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "valid_users"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -421,6 +440,20 @@ class OfflineTrainingConfig(ExperimentConfig):
             raise ValueError(f"max_examples_per_epoch must be None or an integer >= 1, got {m!r}")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants must be distinct, got {self.variants}")
+
+    @classmethod
+    def full(cls: type[_C]) -> _C:
+        """The published profile: the default world with 1.5 logged episodes per user.
+
+        Half the quick profile's log per user keeps ``make reports`` within its budget (the
+        training epochs scale with the log; the 2,000 test users stay).
+        """
+        return dataclasses.replace(cls(), episodes_per_user=1.5)
+
+    def data(self, quick: bool, seed: int, epsilon: float | None = None) -> OfflineData:
+        """The offline data this config asks for (``epsilon`` overrides the config's)."""
+        eps = self.epsilon if epsilon is None else epsilon
+        return offline_data(quick, seed, self.policy, eps, self.episodes_per_user, self.valid_users)
 
     def train_config(self, seed: int, threads: int | None, **overrides: Any) -> TrainConfig:
         """The :class:`TrainConfig` of one training run (``overrides`` replace its fields)."""

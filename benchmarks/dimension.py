@@ -28,7 +28,6 @@ from benchmarks.common import (
     env_config,
     evaluate_per_user,
     mixed_negatives,
-    offline_data,
     train_two_tower,
     two_tower_generator,
     world_label,
@@ -87,7 +86,7 @@ def run(cfg: DimensionConfig, ctx: RunContext) -> None:
     wcfg = env_config(ctx.quick).world
     rank = true_rank(wcfg.latent_dim, wcfg.n_groups)
     for seed in ctx.seeds:
-        data = offline_data(ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user)
+        data = cfg.data(ctx.quick, seed)
         wl = world_label(env_config(ctx.quick), seed)
         for d in ctx.progress(dims, desc=f"seed {seed}"):
             name = f"d={d}"

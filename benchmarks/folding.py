@@ -45,7 +45,6 @@ from benchmarks.common import (
     default_two_tower,
     env_config,
     evaluate_per_user,
-    offline_data,
     train_two_tower,
     two_tower_generator,
     world_label,
@@ -170,7 +169,7 @@ def run(cfg: FoldingConfig, ctx: RunContext) -> None:
     for seed in ctx.seeds:
         wl = world_label(env_config(ctx.quick), seed)
         for eps in epsilons:
-            data = offline_data(ctx.quick, seed, cfg.policy, eps, cfg.episodes_per_user)
+            data = cfg.data(ctx.quick, seed, eps)
             proxy = history_group(data)
             trained = np.unique(data.seq_train.users)
             proxy_agreement.setdefault(data.label, []).append(

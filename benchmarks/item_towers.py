@@ -34,7 +34,6 @@ from benchmarks.common import (
     evaluate_generator,
     evaluate_per_user,
     mixed_negatives,
-    offline_data,
     train_two_tower,
     two_tower_generator,
     world_label,
@@ -108,7 +107,7 @@ def run(cfg: ItemTowersConfig, ctx: RunContext) -> None:
     valid_tail: dict[str, list[float]] = {}  # variant -> validation tail recall@100 per seed
     base = default_two_tower(cfg.dim)
     for seed in ctx.seeds:
-        data = offline_data(ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user)
+        data = cfg.data(ctx.quick, seed)
         wl = world_label(env_config(ctx.quick), seed)
         for name in ctx.progress(variants, desc=f"seed {seed}"):
             model_cfg = TwoTowerConfig(

@@ -76,7 +76,12 @@ class LossesConfig(ExperimentConfig):
 
     policy: str = param("popularity", "behaviour policy of the log")
     epsilon: float = param(0.05, "uniform exploration of the behaviour policy")
-    episodes_per_user: float = param(3.0, "user episodes logged per user of the world")
+    episodes_per_user: float = param(
+        3.0, "user episodes logged per user of the world (the full profile logs 1.5)"
+    )
+    valid_users: int = param(
+        1000, "validation users (early stopping, the choice of the best softmax); test: 2,000"
+    )
     dim: int = param(64, "embedding dimension")
     epochs: int = param(12, "maximum training epochs (early stopping on validation recall@100)")
     batch_size: int = param(1024, "training batch size")
@@ -86,12 +91,21 @@ class LossesConfig(ExperimentConfig):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.valid_users, bool) or not isinstance(self.valid_users, int):
+            raise ValueError(f"valid_users must be an integer >= 1, got {self.valid_users!r}")
+        if self.valid_users < 1:
+            raise ValueError(f"valid_users must be an integer >= 1, got {self.valid_users!r}")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants must be distinct, got {self.variants}")
         known = set(_recipes(True)) | set(_recipes(False))
         unknown = [v for v in self.variants if v not in known]
         if unknown:
             raise ValueError(f"variants {unknown} are not available; choose among {sorted(known)}")
+
+    @classmethod
+    def full(cls) -> LossesConfig:
+        """The published profile: 1.5 logged episodes per user (see OfflineTrainingConfig)."""
+        return replace(cls(), episodes_per_user=1.5)
 
     @classmethod
     def quick(cls) -> LossesConfig:
@@ -121,7 +135,9 @@ def run(cfg: LossesConfig, ctx: RunContext) -> None:
     users = PerUser()
     valid: dict[str, list[float]] = {}  # recipe -> validation recall@100 per seed
     for seed in ctx.seeds:
-        data = offline_data(ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user)
+        data = offline_data(
+            ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user, cfg.valid_users
+        )
         wl = world_label(env_config(ctx.quick), seed)
         tcfg = TrainConfig(
             epochs=cfg.epochs,

@@ -33,7 +33,6 @@ from benchmarks.common import (
     env_config,
     evaluate_per_user,
     mixed_negatives,
-    offline_data,
     train_two_tower,
     two_tower_generator,
     world_label,
@@ -114,7 +113,7 @@ def run(cfg: SimilarityExperimentConfig, ctx: RunContext) -> None:
     trajectories: dict[str, list[float]] = {}  # first seed
     scatter: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # first seed: (log1p count, norm)
     for seed in ctx.seeds:
-        data = offline_data(ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user)
+        data = cfg.data(ctx.quick, seed)
         wl = world_label(env_config(ctx.quick), seed)
         # (N,) items of the training period
         warm = released(data.world.catalog.release_time, data.t1)

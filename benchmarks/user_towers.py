@@ -34,7 +34,6 @@ from benchmarks.common import (
     env_config,
     evaluate_per_user,
     mixed_negatives,
-    offline_data,
     train_two_tower,
     two_tower_generator,
     world_label,
@@ -126,7 +125,7 @@ def run(cfg: UserTowersConfig, ctx: RunContext) -> None:
     users = PerUser()
     valid_hit: dict[str, list[float]] = {}  # variant -> validation next-item hit@100 per seed
     for seed in ctx.seeds:
-        data = offline_data(ctx.quick, seed, cfg.policy, cfg.epsilon, cfg.episodes_per_user)
+        data = cfg.data(ctx.quick, seed)
         wl = world_label(env_config(ctx.quick), seed)
         for name in ctx.progress(variants, desc=f"seed {seed}"):
             model_cfg = TwoTowerConfig(
