@@ -106,18 +106,30 @@ def _rates(n_user_steps: int, step: Callable[[int], Any], steps: int) -> tuple[f
     return n_user_steps / max(cpu, 1e-9), n_user_steps / max(wall, 1e-9)
 
 
-def _time_batched(env: BatchedRecEnv, slates: list[np.ndarray], steps: int) -> tuple[float, float]:
+def _batched_rates(env: BatchedRecEnv, slates: list[np.ndarray], steps: int) -> tuple[float, float]:
+    """BatchedRecEnv user-steps per CPU second and per wall second (after 3 warm-up steps)."""
     for i in range(3):
         env.step(slates[i % len(slates)])
     return _rates(env.num_envs * steps, lambda i: env.step(slates[i % len(slates)]), steps)
 
 
-def _time_sync(
+def _sync_rates(
     envs: gym.vector.SyncVectorEnv, slates: list[np.ndarray], steps: int
 ) -> tuple[float, float]:
+    """SyncVectorEnv user-steps per CPU second and per wall second (after 2 warm-up steps)."""
     for i in range(2):
         envs.step(slates[i % len(slates)])
     return _rates(envs.num_envs * steps, lambda i: envs.step(slates[i % len(slates)]), steps)
+
+
+def _time_batched(env: BatchedRecEnv, slates: list[np.ndarray], steps: int) -> float:
+    """BatchedRecEnv user-steps per wall second (used by benchmarks.perf)."""
+    return _batched_rates(env, slates, steps)[1]
+
+
+def _time_sync(envs: gym.vector.SyncVectorEnv, slates: list[np.ndarray], steps: int) -> float:
+    """SyncVectorEnv user-steps per wall second (used by benchmarks.perf)."""
+    return _sync_rates(envs, slates, steps)[1]
 
 
 _BUILD_SNIPPET = """
@@ -165,10 +177,10 @@ def run(cfg: PerfEnvConfig, ctx: RunContext) -> None:
     slates_s = _slates(world, cfg.sync_batch, k, 8, rng)
     fast, slow, fast_wall, slow_wall = [], [], [], []  # per CPU second / per wall second
     for _ in ctx.progress(range(cfg.repeats), desc="batched vs sync"):
-        cpu, wall = _time_batched(batched, slates_b, cfg.steps)
+        cpu, wall = _batched_rates(batched, slates_b, cfg.steps)
         fast.append(cpu)
         fast_wall.append(wall)
-        cpu, wall = _time_sync(sync, slates_s, cfg.sync_steps)
+        cpu, wall = _sync_rates(sync, slates_s, cfg.sync_steps)
         slow.append(cpu)
         slow_wall.append(wall)
     sync.close()
@@ -230,7 +242,7 @@ def run(cfg: PerfEnvConfig, ctx: RunContext) -> None:
         env.reset(seed=seed)
         sl = _slates(world, b, k, 4, rng)
         steps = max(5, min(cfg.steps * cfg.batch // b, 2_000))
-        cpu, wall = _time_batched(env, sl, steps)
+        cpu, wall = _batched_rates(env, sl, steps)
         scale_rows.append({"B": b, "user_steps_per_s": cpu, "user_steps_per_wall_s": wall})
     ctx.report.table(
         "Scaling with the number of users stepped at once",
