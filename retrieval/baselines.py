@@ -422,11 +422,12 @@ class CandidateGenerator(abc.ABC):
             raise ValueError("obs['context'][:, 0] (query time) must be finite")
         out[Obs.CONTEXT] = context
         if self.uses_user_id:
-            user = _as_int_array("obs['user']", obs[Obs.USER])
+            user = np.asarray(obs[Obs.USER])
             if user.shape == (b, 1):  # as the envs emit it
                 user = user[:, 0]
             if user.shape != (b,):
                 raise ValueError(f"obs['user'] must have shape ({b}, 1) or ({b},), got {user.shape}")
+            user = _as_int_array("obs['user']", user)
             if user.size and int(user.min()) < 0:
                 raise ValueError(f"obs['user'] must be >= 0, got {int(user.min())}")
             out[Obs.USER] = user

@@ -724,6 +724,18 @@ def test_contract_retrieve_equals_sorted_score_all(fitted, name, exclude_seen):
 
 
 @pytest.mark.parametrize("name", list(ALL_FACTORIES))
+def test_contract_user_ids_as_the_envs_emit_them(fitted, name):
+    """obs['user'] of shape (B, 1) (what the envs and rebuilt observations carry) = (B,)."""
+    inter, cat, models = fitted
+    obs = random_obs(5, cat.n_items, inter.n_users, b=6)
+    column = {**obs, "user": obs["user"][:, None]}  # (B, 1)
+    ids, scores = models[name].retrieve(obs, k=5)
+    ids_c, scores_c = models[name].retrieve(column, k=5)  # same inputs: bitwise
+    np.testing.assert_array_equal(ids_c, ids)
+    np.testing.assert_array_equal(scores_c, scores)
+
+
+@pytest.mark.parametrize("name", list(ALL_FACTORIES))
 def test_contract_padding_when_catalog_is_small(fitted, name):
     inter, cat, models = fitted
     obs = random_obs(2, cat.n_items, inter.n_users, b=4)
