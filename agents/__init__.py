@@ -20,7 +20,7 @@ from agents.pipeline import (
     explore_slates,
     union_candidates,
 )
-from agents.rollout import RolloutResult, rollout
+from agents.rollout import RolloutResult, rollout, rollout_sharded
 
 __all__ = [
     "Agent",
@@ -38,5 +38,6 @@ __all__ = [
     "TwoAgentRecEnv",
     "explore_slates",
     "rollout",
+    "rollout_sharded",
     "union_candidates",
 ]

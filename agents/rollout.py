@@ -17,10 +17,12 @@ from scipy import stats
 
 from simenv.batched_env import BatchedRecEnv
 from simenv.collect import collect
+from simenv.config import EnvConfig
 from simenv.log import ImpressionLog
+from simenv.shard import collect_sharded
 from simenv.types import Columns, EventType
 
-__all__ = ["RolloutResult", "rollout", "per_user_outcomes", "mean_ci"]
+__all__ = ["RolloutResult", "rollout", "rollout_sharded", "per_user_outcomes", "mean_ci"]
 
 OUTCOMES = ("reward", "clicks", "likes", "watch_minutes", "slates", "sessions", "returned")
 
@@ -117,3 +119,65 @@ def rollout(
         log,
         secs,
     )
+
+
+def rollout_sharded(
+    config: EnvConfig,
+    agent_factory: Any,
+    users: np.ndarray,
+    *,
+    n_shards: int,
+    seed: int,
+    world: Any = None,
+    world_seed: int = 0,
+    num_envs: int = 1024,
+    backend: str = "serial",
+    workers: int | None = None,
+    progress: bool = False,
+) -> RolloutResult:
+    """:func:`rollout` over many users in shards, serially, on local processes or on Ray.
+
+    The users are partitioned by id into ``n_shards`` shards, each played in its own
+    ``BatchedRecEnv`` by its own agent from ``agent_factory(world, seed=...)`` (see
+    :mod:`simenv.shard` for the contract; wrap a trained agent with
+    :func:`simenv.shard.fixed_policy`). The outcomes depend on ``n_shards`` and ``seed``, never
+    on ``backend`` or ``workers``; two agents evaluated with the same users, shards and seed
+    meet the same shard envs, so their comparison stays paired per user.
+
+    Args:
+        config: the env config.
+        agent_factory: ``factory(world, seed=int) -> agent``.
+        users: int (U,) the users, each playing one episode.
+        n_shards: shards (fixes the result).
+        seed: the run's seed (shard env and agent seeds derive from it).
+        world: a prebuilt world (default: built from ``config.world`` and ``world_seed``).
+        world_seed: seed of the world when it is built here.
+        num_envs: env slots per shard.
+        backend: ``"serial"``, ``"processes"`` or ``"ray"``.
+        workers: parallel workers (default: all CPUs).
+        progress: a progress bar of finished shards.
+
+    Returns:
+        A :class:`RolloutResult` whose outcomes are aligned with ``users``.
+    """
+    import time
+
+    users = np.asarray(users, dtype=np.int64)
+    t0 = time.perf_counter()
+    log = collect_sharded(
+        config,
+        agent_factory,
+        users.size,
+        n_shards=n_shards,
+        seed=seed,
+        world=world,
+        world_seed=world_seed,
+        num_envs=num_envs,
+        users=users,
+        backend=backend,
+        workers=workers,
+        progress=progress,
+    )
+    secs = time.perf_counter() - t0
+    name = str(log.meta.get("policy") or getattr(agent_factory, "__name__", "agent"))
+    return RolloutResult(name, users, per_user_outcomes(log, users), log, secs)

@@ -35,8 +35,8 @@ merged into one :mod:`simenv.logstore` store (memory-mapped columns), chunk by c
 100M impressions is never whole in memory, neither in a worker nor in the parent.
 
 A sharded **rollout** (online evaluation of an agent over a list of users) is
-``collect_sharded(..., users=users)`` followed by ``agents.rollout.per_user_outcomes(log,
-users)``: the per-user outcomes come from the merged log.
+``agents.rollout.rollout_sharded``: ``collect_sharded(..., users=users)`` followed by the
+per-user outcomes of the merged log.
 """
 
 from __future__ import annotations
