@@ -110,7 +110,9 @@ def rollout(
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0x0E7A1]))
         users = rng.choice(env.world.n_users, size=min(n_users, env.world.n_users), replace=False)
     t0 = time.perf_counter()
-    log = collect(env, agent, n_users=len(users), seed=seed, users=users, progress=progress)
+    log = collect(
+        env, agent, n_users=len(users), seed=seed, users=users, progress=progress, active_only=True
+    )
     secs = time.perf_counter() - t0
     return RolloutResult(
         getattr(agent, "name", type(agent).__name__),

@@ -24,6 +24,7 @@ def collect(
     max_steps: int | None = None,
     progress: bool = True,
     meta: dict[str, Any] | None = None,
+    active_only: bool = False,
 ) -> ImpressionLog:
     """Run ``policy`` for ``n_users`` whole user episodes and return their impressions.
 
@@ -43,6 +44,14 @@ def collect(
         max_steps: safety cap on env steps.
         progress: show a tqdm bar (episodes finished).
         meta: extra entries for the log's ``meta``.
+        active_only: call the policy only on the slots whose step is recorded (an episode of
+            ``users`` that is running); slots that finished their episodes or are resetting
+            get a fixed valid slate and are not recorded. Once most episodes have ended, the
+            policy is no longer evaluated for idle slots (the tail of a few long episodes costs
+            what those episodes cost); the recorded rows are the same as without it whenever
+            the simulator's draws of a user do not depend on the other slots' slates. A policy
+            that reads the env's state instead of the observation (an oracle) may still return
+            all B slates; the live rows are taken from them.
 
     Returns:
         The log, rows in step order, with ``meta`` recording the seed, policy and world.
@@ -98,11 +107,33 @@ def collect(
     while recording.any():
         if max_steps is not None and steps >= max_steps:
             break
-        out = policy.act(obs)
+        live = np.nonzero(recording & ~resetting)[0] if active_only else None
+        if live is not None and live.size == 0:  # every recorded slot is resetting this step
+            out, cands = (np.zeros((0, k), np.int64), None), None
+        else:
+            out = policy.act(obs if live is None else {key: v[live] for key, v in obs.items()})
+            cands = getattr(policy, "last_candidates", None)
         slates, prop = (
             out if isinstance(out, tuple) else (out, getattr(policy, "last_propensities", None))
         )
         slates = np.asarray(slates, dtype=np.int64)
+        if live is not None and slates.shape[0] == b and live.size != b:
+            # a policy that reads the env itself (an oracle) may answer for every slot
+            slates = slates[live]
+            prop = None if prop is None else np.asarray(prop)[live]
+            cands = None if cands is None else np.asarray(cands)[live]
+        if live is not None:  # scatter the live rows into full-size arrays
+            full = np.broadcast_to(env.sim.safe_slate, (b, k)).copy()
+            full[live] = slates
+            slates = full
+            if prop is not None:
+                p_full = np.ones((b, k), np.float32)
+                p_full[live] = np.asarray(prop, np.float32)
+                prop = p_full
+            if cands is not None:
+                c_full = np.full((b, np.shape(cands)[1]), -1, np.int64)
+                c_full[live] = np.asarray(cands, np.int64)
+                cands = c_full
         ctx = obs[Obs.CONTEXT]
         user_now = obs_users(obs)
         obs, reward, term, trunc, info = env.step(slates)
@@ -135,7 +166,6 @@ def collect(
             if prop is None
             else np.asarray(prop, np.float32)[rows].ravel()
         )
-        cands = getattr(policy, "last_candidates", None)
         if cands is not None:
             cand_parts.append(np.asarray(cands, dtype=np.int64)[rows])
             cand_req.append(req)
