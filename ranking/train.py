@@ -56,6 +56,8 @@ __all__ = [
     "roc_auc",
     "log_loss",
     "evaluate_ranker",
+    "examination_estimate",
+    "POSITION_DEBIAS",
     "train_ranker",
     "save_ranker",
     "load_ranker",
@@ -63,6 +65,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "ranking.Ranker"
+POSITION_DEBIAS = ("none", "feature", "ipw")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,15 @@ class RankerTrainConfig:
         head_weight: weight of the extra heads' losses (like, dislike: BCE on clicked items;
             watch: squared error of ``log(1 + minutes)`` on clicked items).
         leave_one_out: popularity features of a training example without its own impression.
+        position_debias: how the position bias of the labels is handled (clicks at the top of a
+            slate are inflated by the examination effect, whatever the item):
+            ``"none"``; ``"feature"``: the slate position is a training-time feature, a learned
+            click-logit offset per position (0 at the top), and the ranker is served at the
+            top position (the offsets are dropped; YouTube's shallow position tower in its
+            additive form); ``"ipw"``: clicks weighted by the inverse of their position's
+            examination probability, estimated from the training log as the click rate at
+            that position over the click rate at the top (clipped to [0.05, 1]; weights
+            normalised to mean 1 over the examples).
         early_stopping: ``"auc"`` (maximise validation AUC of clicks) or ``"logloss"``.
         patience: epochs without validation improvement before stopping (0: never stop early).
         restore_best: end with the weights of the best validation epoch.
@@ -109,6 +121,7 @@ class RankerTrainConfig:
     pairwise_weight: float = 0.0
     head_weight: float = 1.0
     leave_one_out: bool = True
+    position_debias: str = "none"
     early_stopping: str = "auc"
     patience: int = 2
     restore_best: bool = True
@@ -136,6 +149,10 @@ class RankerTrainConfig:
         _check("head_weight", self.head_weight, 0.0, 1e6)
         if self.pointwise_weight == 0 and self.pairwise_weight == 0:
             raise ValueError("pointwise_weight and pairwise_weight cannot both be 0")
+        if self.position_debias not in POSITION_DEBIAS:
+            raise ValueError(
+                f"position_debias must be one of {POSITION_DEBIAS}, got {self.position_debias!r}"
+            )
         if self.early_stopping not in ("auc", "logloss"):
             raise ValueError(
                 f"early_stopping must be 'auc' or 'logloss', got {self.early_stopping!r}"
@@ -168,6 +185,10 @@ class TrainHistory:
         slates_per_s: training throughput.
         n_train_slates: training slates (requests) available.
         n_valid_slates: validation slates.
+        position_offsets: the learned click-logit offset of each slate position
+            (``position_debias="feature"``; position 0 is the reference, 0).
+        examination: the estimated examination probability of each position
+            (``position_debias="ipw"``; 1 at the top).
     """
 
     train_loss: list[float] = field(default_factory=list)
@@ -180,6 +201,8 @@ class TrainHistory:
     slates_per_s: float = 0.0
     n_train_slates: int = 0
     n_valid_slates: int = 0
+    position_offsets: list[float] = field(default_factory=list)
+    examination: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form."""
@@ -318,6 +341,19 @@ def evaluate_ranker(ranker: Ranker, data: SlateData, batch_size: int = 2048) -> 
 
 
 # ---------------------------------------------------------------------------- training
+def examination_estimate(data: SlateData) -> np.ndarray:
+    """Examination probability of each slate position: click rate there over the top's.
+
+    Float64 (k,), 1 at the top, clipped to [0.05, 1]. Under a behaviour policy that orders
+    items independently of their appeal this is the position effect alone; a policy that puts
+    its favourites first inflates the top's click rate as well (the estimate then overcorrects).
+    """
+    ctr = data.clicked.mean(axis=0).astype(np.float64)  # (k,)
+    if ctr.size == 0 or ctr[0] <= 0:
+        return np.ones(ctr.size)
+    return np.clip(ctr / ctr[0], 0.05, 1.0)
+
+
 def _batch_tensors(
     stats: ItemStatistics, data: SlateData, rows: np.ndarray, config: RankerTrainConfig
 ) -> dict[str, Any]:
@@ -342,20 +378,29 @@ def _batch_loss(
     batch: dict[str, Any],
     config: RankerTrainConfig,
     forward: torch.nn.Module | None = None,
+    position_offsets: torch.Tensor | None = None,
+    click_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch (tensors already on the ranker's device).
 
     ``forward``: the module whose call runs the ranker (its DistributedDataParallel wrapper
-    under torch.distributed; the ranker itself otherwise).
+    under torch.distributed; the ranker itself otherwise). ``position_offsets`` (k,): added to
+    the click logit of each position (position-as-a-feature training); ``click_weights`` (k,):
+    weight of a click at each position (inverse examination).
     """
     fwd = ranker if forward is None else forward
     out = fwd(batch["obs"], batch["items"], batch["item_stats"])  # (b, k, n_heads)
     out = out.float()  # bf16 autocast: the losses in float32
     y = batch["clicked"]
     click_logit = out[..., 0]
+    if position_offsets is not None:
+        click_logit = click_logit + position_offsets[None, :]  # (b, k): logit + offset of j
     loss = out.new_zeros(())
     if config.pointwise_weight:
-        loss = loss + config.pointwise_weight * pointwise_bce(click_logit, y)
+        w = None
+        if click_weights is not None:  # clicks weighted by 1 / examination, others by 1
+            w = torch.where(y > 0, click_weights[None, :].expand_as(y), torch.ones_like(y))
+        loss = loss + config.pointwise_weight * pointwise_bce(click_logit, y, w)
     if config.pairwise_weight:
         loss = loss + config.pairwise_weight * pairwise_logistic(click_logit, y)
     if config.head_weight and ranker.n_heads > 1:
@@ -445,9 +490,22 @@ def _train(
     rng = np.random.default_rng(
         np.random.SeedSequence([config.seed, 0x5A4C] + ([rank] if world > 1 else []))
     )
-    opt = torch.optim.AdamW(
-        ranker.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
-    )
+    groups: list[dict[str, Any]] = [{"params": list(ranker.parameters())}]
+    k = int(train.items.shape[1])
+    offsets = click_weights = free = None
+    if config.position_debias == "feature":
+        # offsets of positions 1..k-1, on the ranker's device
+        free = torch.zeros(max(k - 1, 0), device=device, requires_grad=True)
+        # a handful of scalars with a strong signal: 10x the learning rate, no decay
+        groups.append({"params": [free], "weight_decay": 0.0, "lr": 10.0 * config.lr})
+    elif config.position_debias == "ipw":
+        exam = examination_estimate(train)
+        inv = 1.0 / exam
+        # normalise so that the weights average 1 over the training examples
+        mean_w = float(np.mean(np.where(train.clicked > 0, inv[None, :], 1.0)))
+        click_weights = torch.from_numpy((inv / mean_w).astype(np.float32)).to(device)
+        hist.examination = [float(x) for x in exam]
+    opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     forward: torch.nn.Module = ranker
     if world > 1:
         # DistributedDataParallel: rank 0's weights everywhere, gradients averaged in backward
@@ -485,8 +543,10 @@ def _train(
             rows = perm[s : s + config.batch_size]
             # the one place where a batch moves to the device
             batch = to_device(_batch_tensors(stats, train, rows, config), device)
+            if free is not None:
+                offsets = torch.cat([free.new_zeros(1), free])  # (k,): 0 at the top
             with autocast(device, config.precision):
-                loss = _batch_loss(ranker, batch, config, forward)
+                loss = _batch_loss(ranker, batch, config, forward, offsets, click_weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -540,6 +600,8 @@ def _train(
                 hist.stopped_early = epoch + 1 < config.epochs
                 break
     bar.close()
+    if free is not None:
+        hist.position_offsets = [0.0] + [float(x) for x in free.detach().cpu()]
     if config.restore_best and best_state is not None:
         ranker.load_state_dict(best_state)
     ranker.eval()

@@ -283,8 +283,68 @@ def test_pairwise_and_heads_train_and_are_deterministic(small):
         ({"threads": 0}, "threads"),
         ({"grad_clip": -1.0}, "grad_clip"),
         ({"history_length": 0}, "history_length"),
+        ({"position_debias": "cascade"}, "position_debias"),
     ],
 )
 def test_train_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
         RankerTrainConfig(**kw)
+
+
+# ---------------------------------------------------------------------------- position bias
+def test_examination_estimate_is_the_click_rate_ratio():
+    clicked = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 1]], np.float32)
+    d = rt.SlateData({}, np.zeros((4, 3), np.int64), clicked, clicked * 0, clicked * 0, clicked * 0)
+    np.testing.assert_allclose(rt.examination_estimate(d), [1.0, 1 / 3, 1 / 3])
+    d0 = rt.SlateData(
+        {},
+        np.zeros((1, 3), np.int64),
+        np.array([[0, 1, 0]], np.float32),
+        *[np.zeros((1, 3), np.float32)] * 3,
+    )
+    np.testing.assert_allclose(
+        rt.examination_estimate(d0), [1.0, 1.0, 1.0]
+    )  # no top click: no estimate
+    tiny = np.array([[1, 0]] * 100 + [[0, 1]], np.float32)
+    d1 = rt.SlateData({}, np.zeros((101, 2), np.int64), tiny, *[np.zeros((101, 2), np.float32)] * 3)
+    assert rt.examination_estimate(d1)[1] == pytest.approx(0.05)  # clipped
+
+
+def test_position_debiasing_learns_the_position_effect(small):
+    world, log, train, valid, seq = small
+    # the uniform policy orders items at random: the click rate falls with the position alone
+    exam = rt.examination_estimate(slate_data(train, seq, 16))
+    assert exam[0] == 1.0 and exam[-1] < 0.8 and exam[1] < 1.0
+    tc = dict(epochs=2, batch_size=128, history_length=16, progress=False)
+    r = Ranker(world.catalog, RankerConfig())
+    h = train_ranker(r, train, seq, RankerTrainConfig(**tc, position_debias="feature"), valid)
+    off = np.array(h.position_offsets)
+    assert off.shape == (5,) and off[0] == 0.0
+    assert (off[1:] < 0).all() and off[-1] < -0.3  # the simulator's -0.5 log(1 + j)
+    r2 = Ranker(world.catalog, RankerConfig())
+    h2 = train_ranker(r2, train, seq, RankerTrainConfig(**tc, position_debias="ipw"), valid)
+    np.testing.assert_allclose(h2.examination, exam)
+    assert h2.position_offsets == [] and h.examination == []
+    assert min(h.valid_auc[-1], h2.valid_auc[-1]) > 0.65
+
+
+def test_ipw_weights_clicks_in_the_loss(small):
+    world, log, train, _, seq = small
+    data = slate_data(train, seq, 16)
+    r = Ranker(world.catalog, RankerConfig())
+    rows = np.arange(64)
+    cfg = RankerTrainConfig(history_length=16, leave_one_out=False)
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    got = rt._batch_loss(r, data, rows, cfg, click_weights=w)
+    logits = r(rt._obs_to_torch(rt.take_obs(data.obs, rows)), torch.from_numpy(data.items[rows]))[
+        ..., 0
+    ]
+    y = torch.from_numpy(data.clicked[rows])
+    weights = torch.where(y > 0, w[None, :].expand_as(y), torch.ones_like(y))
+    want = (
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none") * weights
+    ).sum() / weights.sum()
+    torch.testing.assert_close(got, want)
+    off = torch.tensor([0.0, -1.0, -2.0, -3.0, -4.0])
+    got = rt._batch_loss(r, data, rows, cfg, position_offsets=off)
+    torch.testing.assert_close(got, pointwise_bce(logits + off[None, :], y))
