@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from agents.base import RandomAgent
-from agents.distill import DistillConfig, DistillObjective, teacher_targets
-from agents.pipeline import MultiStagePipeline, Source
+from agents.distill import DISTILL_LOSSES, DistillConfig, DistillObjective, teacher_targets
+from agents.memory import UserMemory
+from agents.pipeline import ExplorationSource, MultiStagePipeline, Source, reward_head_weights
 from agents.rollout import mean_ci, rollout
 from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
 from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
@@ -58,6 +59,16 @@ class LoopConfig:
         teacher_queries: requests labelled by the ranker per round (distillation).
         model: the generator's two-tower config (default: ID items, mean pooling, cosine with a
             learnable temperature).
+        heads: the ranker's heads; with more than the click head its score is the expected
+            reward of the env's reward mix (:func:`agents.pipeline.reward_head_weights`).
+        distill_loss: the distillation loss of ``"distill"`` / ``"both"`` (see
+            :data:`agents.distill.DISTILL_LOSSES`).
+        memory: serve the pipeline with each user's history in the loop's log
+            (:class:`agents.memory.UserMemory`), the observation its models are trained on.
+        explore_quota: candidates per request from an exploration source outside the models
+            (0: none): items the generator would never retrieve reach the ranker, and the
+            slate's epsilon-greedy exploration, when on, draws among them too.
+        explore_kind: that source: ``"uniform"`` released items or ``"new"`` (the newest).
     """
 
     rounds: int = 4
@@ -73,6 +84,11 @@ class LoopConfig:
     generator_epochs: int = 4
     teacher_queries: int = 10_000
     model: TwoTowerConfig | None = None
+    heads: tuple[str, ...] = ("click",)
+    distill_loss: str = "kl"
+    memory: bool = False
+    explore_quota: int = 0
+    explore_kind: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.generator_target not in GENERATOR_TARGETS:
@@ -98,6 +114,15 @@ class LoopConfig:
             raise ValueError("epsilon and distill_weight must be in [0, 1]")
         if self.uniform_negatives < 0:
             raise ValueError(f"uniform_negatives must be >= 0, got {self.uniform_negatives}")
+        if self.distill_loss not in DISTILL_LOSSES:
+            raise ValueError(
+                f"distill_loss must be one of {DISTILL_LOSSES}, got {self.distill_loss!r}"
+            )
+        if not isinstance(self.explore_quota, (int, np.integer)) or self.explore_quota < 0:
+            raise ValueError(f"explore_quota must be an integer >= 0, got {self.explore_quota!r}")
+        if self.explore_kind not in ("uniform", "new"):
+            raise ValueError(f"explore_kind must be 'uniform' or 'new', got {self.explore_kind!r}")
+        RankerConfig(heads=tuple(self.heads), score_weights=(1.0,) * len(self.heads))
 
 
 def concentration(log: ImpressionLog, n_items: int, top_share: float = 0.01) -> dict[str, float]:
@@ -144,7 +169,13 @@ def closed_loop(
     res = rollout(env, RandomAgent(world, k, seed=seed), cfg.users_per_round, seed=seed * 1000)
     out.append(_round_metrics(0, res, None, world, t0, 0.0, env.config.history_length))
     log = res.log
-    ranker = Ranker(world.catalog, RankerConfig(seed=seed))
+    heads = tuple(cfg.heads)
+    ranker = Ranker(
+        world.catalog,
+        RankerConfig(
+            heads=heads, score_weights=reward_head_weights(heads, env.config.reward), seed=seed
+        ),
+    )
     model_cfg = cfg.model or TwoTowerConfig(
         similarity=SimilarityConfig(kind="cosine", temperature=None, learnable_temperature=True)
     )
@@ -174,10 +205,12 @@ def closed_loop(
         extra, weight = None, 0.0
         if cfg.generator_target != "positives":
             queries = impression_examples(log, seq, length).obs
+            kl = dict(standardize_teacher=True, teacher_temperature=0.5)
             dcfg = DistillConfig(
-                loss="kl",
+                loss=cfg.distill_loss,
                 weight=1.0 if cfg.generator_target == "distill" else cfg.distill_weight,
                 max_queries=cfg.teacher_queries,
+                **(kl if cfg.distill_loss == "kl" else {}),
             )
             targets = teacher_targets(
                 ranker, queries, world.catalog.release_time, dcfg, np.random.default_rng([seed, r])
@@ -191,12 +224,19 @@ def closed_loop(
         )  # fmt: skip
         train_s = time.perf_counter() - t_train
         gen = TwoTowerGenerator(model, world.catalog)
+        sources = [Source(gen, cfg.quota, "generator")]
+        if cfg.explore_quota:
+            explorer = ExplorationSource(
+                world.catalog.release_time, cfg.explore_kind, seed=seed * 100 + r
+            )
+            sources.append(Source(explorer, cfg.explore_quota, "exploration"))
         pipe = MultiStagePipeline(
-            [Source(gen, cfg.quota)], ranker, k, exploration=cfg.exploration, epsilon=cfg.epsilon,
+            sources, ranker, k, exploration=cfg.exploration, epsilon=cfg.epsilon,
             temperature=cfg.temperature, seed=seed * 100 + r, name=f"loop round {r}",
         )  # fmt: skip
+        agent = UserMemory(pipe, seq, length, name=pipe.name) if cfg.memory else pipe
         t_act = time.perf_counter()
-        res = rollout(env, pipe, cfg.users_per_round, seed=seed * 1000 + r)
+        res = rollout(env, agent, cfg.users_per_round, seed=seed * 1000 + r)
         out.append(_round_metrics(r, res, gen, world, t_act, train_s, length))
         log = ImpressionLog.concat(
             [log, _offset_requests(res.log, int(log[Columns.REQUEST].max()) + 1)]

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from simenv.arrays import unique_rows
+from simenv.types import Obs
 
 __all__ = [
     "Scorer",
@@ -25,6 +26,8 @@ __all__ = [
     "MultiStagePipeline",
     "union_candidates",
     "explore_slates",
+    "ExplorationSource",
+    "reward_head_weights",
 ]
 
 
@@ -61,6 +64,95 @@ class Source:
             raise ValueError(f"quota must be an integer >= 1, got {self.quota!r}")
         if not hasattr(self.generator, "retrieve"):
             raise ValueError("generator must have retrieve(obs, k, exclude_seen)")
+
+
+def reward_head_weights(heads: tuple[str, ...], reward: Any) -> tuple[float, ...]:
+    """Score weights that make a multi-head ranker's score the expected reward of the env's mix.
+
+    ``reward`` is a :class:`simenv.config.RewardConfig` (click, like, dislike, watch weights):
+    with heads (click, like, dislike[, watch]) the ranker's score ``p_click (w_click + w_like
+    p_like + w_dislike p_dislike + w_watch minutes)`` is then the expected step reward of
+    showing the item. With the click head alone the weight is 1 (the score is the click logit).
+    """
+    if tuple(heads) == ("click",):
+        return (1.0,)
+    table = {
+        "click": reward.click,
+        "like": reward.like,
+        "dislike": reward.dislike,
+        "watch": reward.watch,
+    }
+    unknown = [h for h in heads if h not in table]
+    if unknown:
+        raise ValueError(f"heads must be among {tuple(table)}, got {unknown}")
+    return tuple(float(table[h]) for h in heads)
+
+
+class ExplorationSource:
+    """A candidate source outside what the models know: uniform released items or the newest.
+
+    The lecture's closed loop learns only from what it showed; a generator trained on that log
+    retrieves the same concentrated set round after round, and exploring among its candidates
+    only reshuffles them. This source adds candidates from the whole released catalog.
+
+    Args:
+        release_time: (N,) item release times.
+        kind: ``"uniform"`` (uniformly random released items, a fresh draw per request) or
+            ``"new"`` (a uniform draw among the ``new_pool`` most recently released items).
+        new_pool: how many of the newest released items ``"new"`` draws from.
+        seed: seed of the draws.
+        name: label for reports.
+    """
+
+    def __init__(
+        self,
+        release_time: np.ndarray,
+        kind: str = "uniform",
+        new_pool: int = 500,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> None:
+        if kind not in ("uniform", "new"):
+            raise ValueError(f"kind must be 'uniform' or 'new', got {kind!r}")
+        if (
+            isinstance(new_pool, bool)
+            or not isinstance(new_pool, (int, np.integer))
+            or new_pool < 1
+        ):
+            raise ValueError(f"new_pool must be an integer >= 1, got {new_pool!r}")
+        rt = np.asarray(release_time, dtype=np.float32)
+        if rt.ndim != 1 or rt.size == 0:
+            raise ValueError(f"release_time must be a non-empty (N,) array, got shape {rt.shape}")
+        self.order = np.argsort(rt, kind="stable")  # items by release time
+        self.sorted_release = rt[self.order]
+        self.kind = kind
+        self.new_pool = int(new_pool)
+        self.rng = np.random.default_rng(seed)
+        self.name = name or f"exploration ({kind})"
+
+    def retrieve(
+        self, obs: dict[str, np.ndarray], k: int, exclude_seen: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``k`` distinct released items per row (``-1`` padding if fewer are released), score 0.
+
+        ``exclude_seen`` is accepted for the source protocol; exploration ignores the history.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        t = np.asarray(obs[Obs.CONTEXT])[:, 0]
+        # the items released by t are a prefix of the release order (simenv.clock's rule)
+        n_rel = np.searchsorted(self.sorted_release, np.asarray(t, np.float32), side="right")
+        lo = np.maximum(n_rel - self.new_pool, 0) if self.kind == "new" else np.zeros_like(n_rel)
+        width = n_rel - lo  # (B,) how many items a row draws from
+        m = max(4 * int(k), 64)  # draws with replacement; repeats are dropped below
+        pos = lo[:, None] + np.floor(self.rng.random((t.shape[0], m)) * width[:, None]).astype(
+            np.int64
+        )  # (B, m) positions in the release order, in [lo, n_rel)
+        ids = np.where(width[:, None] > 0, self.order[np.minimum(pos, self.order.size - 1)], -1)
+        ids = unique_rows(ids)[:, : int(k)]  # distinct, first draws first, -1 padding
+        if ids.shape[1] < k:
+            ids = np.pad(ids, ((0, 0), (0, int(k) - ids.shape[1])), constant_values=-1)
+        return ids.astype(np.int64), np.zeros(ids.shape, np.float32)
 
 
 def union_candidates(lists: Sequence[np.ndarray]) -> np.ndarray:
@@ -202,6 +294,13 @@ class MultiStagePipeline:
     The candidate set of every request is kept in ``last_candidates`` (B, K) (padding -1),
     so ``simenv.collect`` writes it into the impression log.
 
+    Source attribution: after each call ``last_source_hits`` (S, B, k) says which sources
+    retrieved each served item; every call also counts, for each source, how many of the served
+    items it retrieved (an item several sources retrieved counts for each of them) and how many it
+    alone retrieved; :meth:`source_shares` turns the counts into shares of the served items
+    and :meth:`reset_source_counts` starts over (the lecture: a source the ranker does not
+    agree with contributes little to what is served).
+
     Args:
         sources: the candidate sources and their quotas.
         ranker: a :class:`Scorer`.
@@ -244,18 +343,66 @@ class MultiStagePipeline:
         self.last_candidates: np.ndarray | None = None
         self.last_propensities: np.ndarray | None = None
         self.last_scores: np.ndarray | None = None
+        names = [src.name or f"source {i}" for i, src in enumerate(self.sources)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources must have distinct names, got {names}")
+        self.source_names = names
+        self.last_source_hits: np.ndarray | None = None  # (S, B, k) bool after each call
+        self.reset_source_counts()
+
+    def reset_source_counts(self) -> None:
+        """Zero the served-item counts behind :meth:`source_shares`."""
+        self._served = 0
+        self._hits = np.zeros(len(self.sources), np.int64)  # served items the source retrieved
+        self._alone = np.zeros(len(self.sources), np.int64)  # ... that no other source did
+        self._offered = np.zeros(len(self.sources), np.int64)  # real candidates it returned
+
+    def source_shares(self) -> dict[str, dict[str, float]]:
+        """Each source's part in what was served since the last reset.
+
+        Returns:
+            name -> ``served`` (share of the served items it retrieved), ``exclusive`` (share
+            of the served items only it retrieved), ``candidates`` (real candidates it
+            returned per request).
+        """
+        n = max(self._served, 1)
+        req = max(self._served // max(self.k, 1), 1)
+        return {
+            name: {
+                "served": float(self._hits[i] / n),
+                "exclusive": float(self._alone[i] / n),
+                "candidates": float(self._offered[i] / req),
+            }
+            for i, name in enumerate(self.source_names)
+        }
+
+    def _retrieve_lists(self, obs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [
+            np.asarray(
+                src.generator.retrieve(obs, src.quota, exclude_seen=self.exclude_seen)[0],
+                dtype=np.int64,
+            )
+            for src in self.sources
+        ]
 
     def candidates(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """The deduplicated union of the sources' candidates (B, K), -1 padding."""
-        lists = [
-            src.generator.retrieve(obs, src.quota, exclude_seen=self.exclude_seen)[0]
-            for src in self.sources
-        ]
-        return union_candidates(lists)
+        return union_candidates(self._retrieve_lists(obs))
+
+    def _count_sources(self, lists: list[np.ndarray], slates: np.ndarray) -> None:
+        hit = np.stack(
+            [(slates[:, :, None] == ids[:, None, :]).any(axis=2) for ids in lists]
+        )  # (S, B, k): served item j of row b is in source s's list
+        self.last_source_hits = hit
+        self._served += int(slates.size)
+        self._hits += hit.sum(axis=(1, 2))
+        self._alone += (hit & (hit.sum(axis=0, keepdims=True) == 1)).sum(axis=(1, 2))
+        self._offered += np.array([int((ids >= 0).sum()) for ids in lists], np.int64)
 
     def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
         """Retrieve, rank, pick the slate."""
-        cand = self.candidates(obs)
+        lists = self._retrieve_lists(obs)
+        cand = union_candidates(lists)
         scores = self.ranker.score(obs, cand)  # (B, K), -inf on padding
         n_real = (cand >= 0).sum(axis=1)
         if (n_real < self.k).any():
@@ -264,6 +411,7 @@ class MultiStagePipeline:
             cand, scores, self.k, self.exploration, self.rng, self.epsilon, self.temperature
         )
         self.last_candidates, self.last_scores, self.last_propensities = cand, scores, prop
+        self._count_sources(lists, slates)
         return slates
 
     def _top_up(

@@ -21,10 +21,12 @@ import torch
 
 from agents.base import RandomAgent
 from agents.pipeline import (
+    ExplorationSource,
     MultiStagePipeline,
     SingleStageAgent,
     Source,
     explore_slates,
+    reward_head_weights,
     union_candidates,
 )
 from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
@@ -376,3 +378,69 @@ def test_real_ranker_single_stage_and_pipeline(world, obs, trained_ranker):
     assert tie_free.mean() > 0.75  # 85% here: the worst-case bound is wider than exact ties
     np.testing.assert_array_equal(_overlap(served, r_k)[tie_free], _overlap(g_k, r_k)[tie_free])
     assert _overlap(g_k, r_k)[tie_free].max() >= 1
+
+
+# ------------------------------------------------------------------ sources and exploration
+
+
+def test_source_shares_hand_computed(world, obs):
+    cfg, w = world
+    n = w.n_items
+    rel = w.items.release_time
+    users = obs_users(obs)
+    rng = np.random.default_rng(5)
+    ranker = MatrixRanker(rng.normal(size=(w.n_users, n)), rel)
+    g1 = MatrixGenerator(rng.normal(size=(w.n_users, n)), rel)
+    g2 = MatrixGenerator(rng.normal(size=(w.n_users, n)), rel)
+    pipe = MultiStagePipeline([Source(g1, 20, "a"), Source(g2, 20, "b")], ranker, cfg.slate_size)
+    slates = pipe.act(obs)
+    l1, _ = g1.retrieve(obs, 20, exclude_seen=False)
+    l2, _ = g2.retrieve(obs, 20, exclude_seen=False)
+    in1 = (slates[:, :, None] == l1[:, None, :]).any(2)
+    in2 = (slates[:, :, None] == l2[:, None, :]).any(2)
+    sh = pipe.source_shares()
+    assert sh["a"]["served"] == pytest.approx(in1.mean())
+    assert sh["b"]["served"] == pytest.approx(in2.mean())
+    assert sh["a"]["exclusive"] == pytest.approx((in1 & ~in2).mean())
+    assert sh["a"]["candidates"] == pytest.approx((l1 >= 0).sum() / users.size)
+    np.testing.assert_array_equal(pipe.last_source_hits, np.stack([in1, in2]))
+    assert (in1 | in2).all()  # every served item came from a source (no top-up needed)
+    pipe.reset_source_counts()
+    assert pipe.source_shares()["a"]["served"] == 0.0
+    with pytest.raises(ValueError, match="distinct names"):
+        MultiStagePipeline([Source(g1, 5, "x"), Source(g2, 5, "x")], ranker, cfg.slate_size)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "new"])
+def test_exploration_source_draws_distinct_released_items(world, obs, kind):
+    cfg, w = world
+    rel = w.items.release_time
+    src = ExplorationSource(rel, kind, new_pool=50, seed=1)
+    ids, sc = src.retrieve(obs, 30)
+    assert ids.shape == sc.shape == (obs_users(obs).size, 30)
+    ok = ids >= 0
+    assert ok.all()
+    assert (released(rel, obs)[np.arange(ids.shape[0])[:, None], ids]).all()
+    assert all(len(set(r)) == r.size for r in ids)
+    if kind == "new":  # among the 50 most recently released items at each query's time
+        t = obs[Obs.CONTEXT][:, 0]
+        for r in range(ids.shape[0]):
+            pool = np.nonzero(rel <= t[r])[0]
+            newest = pool[np.argsort(rel[pool], kind="stable")][-50:]
+            assert np.isin(ids[r], newest).all()
+    again, _ = ExplorationSource(rel, kind, new_pool=50, seed=1).retrieve(obs, 30)
+    np.testing.assert_array_equal(ids, again)  # seeded
+    with pytest.raises(ValueError, match="kind"):
+        ExplorationSource(rel, "popular")
+    with pytest.raises(ValueError, match="k must"):
+        src.retrieve(obs, 0)
+
+
+def test_reward_head_weights_follow_the_reward_mix():
+    from simenv.config import RewardConfig
+
+    r = RewardConfig(click=1.0, like=2.0, dislike=-3.0, watch=0.5)
+    assert reward_head_weights(("click",), r) == (1.0,)
+    assert reward_head_weights(("click", "like", "dislike", "watch"), r) == (1.0, 2.0, -3.0, 0.5)
+    with pytest.raises(ValueError, match="heads"):
+        reward_head_weights(("click", "share"), r)
