@@ -50,6 +50,7 @@ __all__ = [
     "env_config",
     "get_world",
     "make_policy",
+    "POLICIES",
     "get_log",
     "OfflineData",
     "prepare_offline",
@@ -96,6 +97,10 @@ def world_label(cfg: EnvConfig, seed: int) -> str:
     return f"{w.n_items // 1000}k items/{w.n_users // 1000}k users/{w.n_groups}g/d{w.latent_dim}/seed{seed}"
 
 
+#: Names of the built-in logging policies (:func:`make_policy`).
+POLICIES = ("uniform", "popularity", "in-group", "in-group-uniform")
+
+
 @functools.lru_cache(maxsize=4)
 def get_world(quick: bool, seed: int) -> World:
     """The profile's world for a seed (cached within the process)."""
@@ -106,14 +111,22 @@ def get_world(quick: bool, seed: int) -> World:
 def make_policy(
     name: str, world: World, slate_size: int, epsilon: float, seed: int
 ) -> LoggingPolicy:
-    """A built-in logging policy by name: ``uniform``, ``popularity`` or ``in-group``."""
+    """A built-in logging policy by name (one of :data:`POLICIES`).
+
+    ``uniform``, ``popularity`` (``popularity ** 0.5`` over the catalog), ``in-group``
+    (``popularity ** 0.5`` inside the user's group) or ``in-group-uniform`` (uniform inside the
+    user's group: an exploration log without popularity exposure), each with ``epsilon``
+    uniform exploration over the whole catalog.
+    """
     if name == "uniform":
         return UniformPolicy(world, slate_size, epsilon, seed)
     if name == "popularity":
         return PopularityPolicy(world, slate_size, epsilon, seed)
     if name == "in-group":
         return InGroupPolicy(world, slate_size, epsilon, seed)
-    raise ValueError(f"policy must be 'uniform', 'popularity' or 'in-group', got {name!r}")
+    if name == "in-group-uniform":
+        return InGroupPolicy(world, slate_size, epsilon, seed, beta=0.0)
+    raise ValueError(f"policy must be one of {POLICIES}, got {name!r}")
 
 
 @functools.lru_cache(maxsize=8)

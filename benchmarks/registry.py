@@ -70,6 +70,7 @@ __all__ = [
 EXPERIMENT_MODULES: list[str] = [
     "benchmarks.perf_env",
     "benchmarks.losses",
+    "benchmarks.ranker",
     "benchmarks.consistency",
     "benchmarks.loop",
     "benchmarks.folding",
