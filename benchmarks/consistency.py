@@ -65,9 +65,9 @@ SOURCES = ("positives-only two-tower", "distilled two-tower", "item2item", "top 
 class ConsistencyConfig(ExperimentConfig):
     """Distillation toward the improved ranker: thesis, regime map, multiple sources."""
 
-    epochs: int = param(4, "generator training epochs (early stopping on validation recall)")
+    epochs: int = param(3, "generator training epochs (early stopping on validation recall)")
     max_examples_per_epoch: int | None = param(
-        None, "training examples drawn per generator epoch (none: all)"
+        150_000, "training examples drawn per generator epoch (none: all)"
     )
     batch_size: int = param(1024, "generator batch size")
     ks: tuple[int, ...] = param((50, 100, 200, 500), "K: candidates the generator gives the ranker")
@@ -76,13 +76,13 @@ class ConsistencyConfig(ExperimentConfig):
     weights: tuple[float, ...] = param(
         (0.5, 1.0), "lambda grid; each loss's lambda is chosen on validation"
     )
-    teacher_queries: int = param(20_000, "training requests the ranker labels")
-    valid_users: int = param(300, "validation users per rollout (choices)")
-    test_users: int = param(500, "test users per rollout (verdicts)")
+    teacher_queries: int = param(10_000, "training requests the ranker labels")
+    valid_users: int = param(200, "validation users per rollout (choices)")
+    test_users: int = param(400, "test users per rollout (verdicts)")
     noise_levels: tuple[float, ...] = param(
         (1.0, 3.0), "regime map: ranker error in standard deviations of its scores (0 = the ranker)"
     )
-    map_weights: tuple[float, ...] = param((0.25, 0.5, 1.0), "regime map: lambda values")
+    map_weights: tuple[float, ...] = param((0.5, 1.0), "regime map: lambda values")
     map_ks: tuple[int, ...] = param((50, 200), "regime map: K values")
     map_loss: str = param("kl", "regime map: the distillation loss")
     quotas: tuple[int, ...] = param(
@@ -150,8 +150,8 @@ class ConsistencyConfig(ExperimentConfig):
     @classmethod
     def quick(cls) -> ConsistencyConfig:
         return replace(
-            cls(), epochs=3, batch_size=512, losses=("softmax", "kl"), teacher_queries=3_000,
-            valid_users=150, test_users=250, noise_levels=(2.0,), map_weights=(0.5, 1.0),
+            cls(), batch_size=512, max_examples_per_epoch=60_000, losses=("softmax", "kl"),
+            teacher_queries=3_000, valid_users=150, test_users=250, noise_levels=(2.0,),
         )  # fmt: skip
 
 

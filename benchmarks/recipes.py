@@ -147,7 +147,7 @@ class RankerRecipe:
 #: The recipe before issue 10's diagnosis: click head, popularity log, served without memory.
 CURRENT = RankerRecipe()
 #: The recipe the diagnosis chose on validation users (see ``benchmarks/ranker.py``).
-IMPROVED = RankerRecipe(own_log_rounds=1)
+IMPROVED = RankerRecipe(own_log_rounds=1, memory=True)
 
 
 def head_weights(heads: tuple[str, ...], reward: RewardConfig) -> tuple[float, ...]:
