@@ -426,7 +426,9 @@ class CandidateGenerator(abc.ABC):
             if user.shape == (b, 1):  # as the envs emit it
                 user = user[:, 0]
             if user.shape != (b,):
-                raise ValueError(f"obs['user'] must have shape ({b}, 1) or ({b},), got {user.shape}")
+                raise ValueError(
+                    f"obs['user'] must have shape ({b}, 1) or ({b},), got {user.shape}"
+                )
             user = _as_int_array("obs['user']", user)
             if user.size and int(user.min()) < 0:
                 raise ValueError(f"obs['user'] must be >= 0, got {int(user.min())}")

@@ -792,11 +792,17 @@ def test_contract_config_round_trip(fitted, name):
     "mutate, match",
     [
         (lambda o: o.update(item_ids=o["item_ids"][:, :3]), r"obs\['events'\] must have shape"),
-        (lambda o: o["item_ids"].__setitem__((1, -1), 60), r"obs\['item_ids'\] \(where mask == 1\)"),
+        (
+            lambda o: o["item_ids"].__setitem__((1, -1), 60),
+            r"obs\['item_ids'\] \(where mask == 1\)",
+        ),
         (lambda o: o["mask"].__setitem__((1, 0), 2), r"obs\['mask'\] must hold only 0 and 1"),
         (lambda o: o.update(context=o["context"][:3]), r"obs\['context'\] must have shape"),
         (lambda o: o.pop("events"), "obs is missing keys"),
-        (lambda o: o.update(item_ids=o["item_ids"].astype(float)), r"obs\['item_ids'\] must hold integers"),
+        (
+            lambda o: o.update(item_ids=o["item_ids"].astype(float)),
+            r"obs\['item_ids'\] must hold integers",
+        ),
         (lambda o: o.update(item_ids=o["item_ids"][0]), r"obs\['item_ids'\] must be 2-D"),
     ],
 )

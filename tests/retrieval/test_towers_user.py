@@ -189,7 +189,9 @@ def test_pooling_variants():
     causal_cls = transformer(pooling="cls", causal=True, seed=7)
     changed = dict(h)
     changed["item_ids"] = h["item_ids"].clone()
-    changed["item_ids"][:, 0] = (h["item_ids"][:, 0] + 1) % N_ITEMS  # oldest slot (real in full row 1)
+    changed["item_ids"][:, 0] = (
+        h["item_ids"][:, 0] + 1
+    ) % N_ITEMS  # oldest slot (real in full row 1)
     assert (causal_cls(changed)[1] - causal_cls(h)[1]).abs().max() > 1e-4
 
 

@@ -118,7 +118,11 @@ def test_observations_in_space_and_history_format():
     obs, info = env.reset(seed=0)
     assert env.observation_space.contains(obs)
     assert obs[Obs.MASK].sum() == 0 and obs[Obs.ITEMS].sum() == 0
-    assert set(info) == {"user", "group"} and info["user"] == int(obs[Obs.USER][0]) and obs[Obs.USER].shape == (1,)
+    assert (
+        set(info) == {"user", "group"}
+        and info["user"] == int(obs[Obs.USER][0])
+        and obs[Obs.USER].shape == (1,)
+    )
     rng = np.random.default_rng(0)
     clicks: list[tuple[int, int]] = []
     L = env.config.history_length
