@@ -335,7 +335,8 @@ def test_ipw_weights_clicks_in_the_loss(small):
     rows = np.arange(64)
     cfg = RankerTrainConfig(history_length=16, leave_one_out=False)
     w = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
-    got = rt._batch_loss(r, data, rows, cfg, click_weights=w)
+    batch = rt._batch_tensors(r.statistics, data, rows, cfg)
+    got = rt._batch_loss(r, batch, cfg, click_weights=w)
     logits = r(rt._obs_to_torch(rt.take_obs(data.obs, rows)), torch.from_numpy(data.items[rows]))[
         ..., 0
     ]
@@ -346,5 +347,5 @@ def test_ipw_weights_clicks_in_the_loss(small):
     ).sum() / weights.sum()
     torch.testing.assert_close(got, want)
     off = torch.tensor([0.0, -1.0, -2.0, -3.0, -4.0])
-    got = rt._batch_loss(r, data, rows, cfg, position_offsets=off)
+    got = rt._batch_loss(r, batch, cfg, position_offsets=off)
     torch.testing.assert_close(got, pointwise_bce(logits + off[None, :], y))
