@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 if any sanity check fails (not only on errors); findings never fail a run",
     )
     p.add_argument(
+        "--exclude",
+        default="",
+        metavar="NAMES",
+        help="under `all`: comma-separated experiments to leave out (e.g. scale,ann, the "
+        "hours-long machine benchmarks that `make reports` runs apart)",
+    )
+    p.add_argument(
         "--backend",
         choices=BACKENDS,
         default="serial",
@@ -126,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiments run at once under --backend processes|ray (default: all CPUs)",
     )
     return p
+
+
+def _excluded(args: argparse.Namespace) -> list[str]:
+    """The experiment names of ``--exclude`` (comma-separated, blanks ignored)."""
+    return [n.strip() for n in args.exclude.split(",") if n.strip()]
 
 
 def _describe(exp: Experiment) -> list[str]:
@@ -209,7 +221,10 @@ def _static_problem(args: argparse.Namespace) -> str | None:
     if manifest is None:
         return None
     if args.name == "all":
-        selected = list(manifest.values())
+        unknown = sorted(set(_excluded(args)) - set(manifest))
+        if unknown:
+            return f"--exclude: unknown experiment(s) {unknown}; registered: {', '.join(manifest)}"
+        selected = [e for e in manifest.values() if e.name not in _excluded(args)]
     elif args.name in manifest:
         selected = [manifest[args.name]]
     else:
@@ -282,6 +297,8 @@ def main(
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.exclude and args.name != "all":
+        parser.error("--exclude applies to `all` only")
     problem = _out_problem(args.out)
     if problem:
         parser.error(problem)
@@ -315,7 +332,14 @@ def main(
         return 1 if import_failed else 0
 
     if args.name == "all":
-        selected = list(registry)
+        unknown = sorted(set(_excluded(args)) - set(registry.names()))
+        if unknown:
+            print(
+                f"python -m benchmarks: error: --exclude: unknown experiment(s) {unknown}",
+                file=sys.stderr,
+            )
+            return 2
+        selected = [e for e in registry if e.name not in _excluded(args)]
         if not selected:
             print(
                 "No experiments registered (benchmarks.registry.EXPERIMENT_MODULES is empty); "

@@ -331,6 +331,19 @@ def test_device_is_recorded_and_reaches_the_context(tmp_path):
     assert results(tmp_path / "d", "tiny")["device"] == "cpu"
 
 
+def test_all_leaves_out_the_excluded(tmp_path, capsys):
+    argv = ["all", "--quick", "--quiet", "--out", str(tmp_path)]
+    assert main([*argv, "--exclude", "broken, failing_claim"], make_registry(), []) == 0
+    assert (tmp_path / "tiny" / "results.json").exists()
+    assert not (tmp_path / "broken").exists() and not (tmp_path / "failing_claim").exists()
+    assert main([*argv, "--exclude", "tiny,nope"], make_registry(), []) == 2
+    assert "--exclude: unknown experiment(s) ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["tiny", "--exclude", "broken", "--out", str(tmp_path)], make_registry(), [])
+    assert err.value.code == 2
+    assert "--exclude applies to `all` only" in capsys.readouterr().err
+
+
 def test_unknown_name_in_process(tmp_path, capsys):
     assert main(["nope", "--out", str(tmp_path)], make_registry(), []) == 2
     assert (

@@ -34,6 +34,7 @@ def no_import(monkeypatch):
         (["all", "--set", "epochs=1"], "under `all`, --set needs NAME.KEY=VALUE"),
         (["all", "--set", "folding.variants=1,2", "--set", "folding.dims=3"], "'dims'"),
         (["movielens", "--set", "check_size=maybe"], "check_size='maybe' must be a bool"),
+        (["all", "--exclude", "scale,anm"], "--exclude: unknown experiment(s) ['anm']"),
     ],
 )
 def test_name_and_set_errors_before_any_import(no_import, tmp_path, capsys, argv, message):
