@@ -48,8 +48,12 @@ matmuls through a constant unit (the inference vector is ``[x0, 1]``, width ``hi
 
 **Exactness.** :meth:`Ranker.score` (candidates) and :meth:`Ranker.score_all` (whole catalog)
 perform the same float operations on the same values for a pair (transcendental functions of
-pair values are computed in float64 and rounded once), so they agree bitwise (tested). That
-guarantee is about CPU BLAS kernels and float32: on a GPU, or in bfloat16, both methods take
+pair values are computed in float64 and rounded once), and every matmul is padded to at least
+``_MIN_ROWS`` rows and ``_MIN_OUT`` columns: with MKL's AVX-512 kernels they agree bitwise. Other
+kernels (MKL's AVX2 path, what AMD CPUs take) block rows differently, so the promise is
+agreement within the float32 reordering bound of the network (tested; 2e-7 of the score scale
+seen with ``MKL_ENABLE_INSTRUCTIONS=AVX2``), with -inf at exactly the same places. That
+is about CPU BLAS kernels and float32: on a GPU, or in bfloat16, both methods take
 the generic path (:meth:`Ranker.set_scoring`), the pair network in its differentiable form
 over large blocks of pairs, where they agree within float32 rounding (tested on the CPU with
 the generic path forced).
@@ -734,8 +738,8 @@ class Ranker(nn.Module):
         Every step writes into ``buffers`` (fresh multi-megabyte tensors per block cost page
         faults that rival the small matmuls) and uses only matmuls with at least ``_MIN_ROWS``
         rows and ``_MIN_OUT`` output columns, adds, multiplies and ReLU: operations whose result
-        for a row does not depend on the other rows, so the candidate and full-catalog paths
-        agree bitwise.
+        for a row does not depend on the other rows with MKL's AVX-512 kernels (bitwise equal
+        candidate and full-catalog paths there; within float32 reordering on other kernels).
 
         Returns:
             (M, n_heads) head outputs (a view into ``buffers``).
@@ -1118,7 +1122,8 @@ class Ranker(nn.Module):
         """x0 (r K, H) for candidates (r, K) of rows [r0, r1) of ``ctx``.
 
         The same values and the same sequence of float operations as
-        :meth:`_assemble_catalog`, so both paths agree bitwise.
+        :meth:`_assemble_catalog` (the assembly is gathers and elementwise operations: the
+        same bits on every CPU; the pair network that follows is where kernels may differ).
         """
         r, k = cand.shape
         flat = (torch.arange(r0, r1) * ctx.n_joint)[:, None] + self._joint_key[cand]  # (r, K)
