@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from benchmarks.registry import ExperimentConfig, param
+from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
 from retrieval.baselines import CandidateGenerator, Interactions
 from retrieval.data import EvalSet, eval_set
 from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
@@ -48,6 +49,7 @@ from simenv.types import Columns
 
 __all__ = [
     "env_config",
+    "trained_ranker",
     "get_world",
     "make_policy",
     "POLICIES",
@@ -260,6 +262,14 @@ def offline_data(
         world, env_config(quick), log, 32, 2_000 if not quick else 1_000, seed, label,
         max_valid_users=valid_users,
     )  # fmt: skip
+
+
+def trained_ranker(data: OfflineData, seed: int, epochs: int, threads: int | None) -> Ranker:
+    """A default-config ranker trained on ``data.train`` (early stopping on ``data.valid``)."""
+    ranker = Ranker(data.world.catalog, RankerConfig(seed=seed))
+    cfg = RankerTrainConfig(epochs=epochs, progress=False, seed=seed, threads=threads)
+    train_ranker(ranker, data.train, data.seq_trval, cfg, valid_log=data.valid)
+    return ranker
 
 
 def mixed_negatives(uniform: int = 1024, logq: str = "negatives_only") -> RetrievalLossConfig:

@@ -39,13 +39,13 @@ from benchmarks.common import (
     env_config,
     mixed_negatives,
     offline_data,
+    trained_ranker,
     two_tower_generator,
     world_label,
 )
 from benchmarks.registry import ExperimentConfig, experiment, param
 from benchmarks.runner import RunContext
 from benchmarks.stats import paired_effect
-from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
 from retrieval.model import TwoTowerModel
 from retrieval.train import TrainConfig, fit_two_tower
 from simenv import BatchedRecEnv, PopularityPolicy, collect
@@ -164,12 +164,7 @@ def run(cfg: OPEConfig, ctx: RunContext) -> None:
         wl = world_label(env_config(ctx.quick), seed)
         # ---- the models behind the pipeline target and the direct method
         with ctx.timer("models") as t_m:
-            ranker = Ranker(world.catalog, RankerConfig(seed=seed))
-            train_ranker(
-                ranker, data.train, data.seq_trval,
-                RankerTrainConfig(epochs=cfg.ranker_epochs, progress=False, seed=seed, threads=ctx.threads),
-                valid_log=data.valid,
-            )  # fmt: skip
+            ranker = trained_ranker(data, seed, cfg.ranker_epochs, ctx.threads)
             gen = TwoTowerModel.build(default_two_tower(64), world.catalog)
             fit_two_tower(
                 gen, mixed_negatives(), data.train, data.seq_train,

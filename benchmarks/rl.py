@@ -45,13 +45,14 @@ from benchmarks.common import (
     env_config,
     mixed_negatives,
     offline_data,
+    trained_ranker,
     two_tower_generator,
     world_label,
 )
 from benchmarks.registry import ExperimentConfig, experiment, param
 from benchmarks.runner import RunContext
 from benchmarks.stats import paired_effect_over_seeds
-from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
+from ranking import RankerTrainConfig
 from retrieval.model import TwoTowerModel
 from retrieval.train import TrainConfig, fit_two_tower
 from simenv import BatchedRecEnv, EnvConfig, RecEnv, UniformPolicy, collect
@@ -207,12 +208,7 @@ def run(cfg: RLConfig, ctx: RunContext) -> None:
         world, k = data.world, data.env.slate_size
         wl = world_label(env_config(ctx.quick), seed)
         with ctx.timer("ranker") as t_r:
-            ranker = Ranker(world.catalog, RankerConfig(seed=seed))
-            train_ranker(
-                ranker, data.train, data.seq_trval,
-                RankerTrainConfig(epochs=cfg.ranker_epochs, progress=False, seed=seed, threads=ctx.threads),
-                valid_log=data.valid,
-            )  # fmt: skip
+            ranker = trained_ranker(data, seed, cfg.ranker_epochs, ctx.threads)
         with ctx.timer("supervised") as t_s:
             sup = TwoTowerModel.build(default_two_tower(64), world.catalog)
             fit_two_tower(

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from simenv.atomic import atomic_write
-from simenv.log import ImpressionLog
+from simenv.log import ImpressionLog, json_default
 from simenv.types import Columns, EventType, ItemCatalog
 
 __all__ = [
@@ -448,9 +448,9 @@ def export_recbole(
         "user_columns": extra_dtypes,
     }
     sidecar["sha256"]["sidecar"] = _sidecar_digest(
-        json.loads(json.dumps(sidecar, default=_json_default))
+        json.loads(json.dumps(sidecar, default=json_default))
     )
-    text = json.dumps(sidecar, indent=1, default=_json_default) + "\n"
+    text = json.dumps(sidecar, indent=1, default=json_default) + "\n"
     out["meta"] = _atomic_write_text(folder / f"{name}.simenv.json", text)
     return out
 
@@ -706,13 +706,3 @@ def read_table(path: str | os.PathLike[str], sep: str | None = None) -> Impressi
         return ImpressionLog(cols)
     except ValueError as e:
         raise ExportFormatError(f"{path}: {e}") from e
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    raise TypeError(f"meta value of type {type(o).__name__} is not JSON-serialisable")

@@ -295,7 +295,7 @@ class ImpressionLog:
             "meta": self.meta,
         }
         arrays["header"] = np.frombuffer(
-            json.dumps(header, default=_json_default).encode(), dtype=np.uint8
+            json.dumps(header, default=json_default).encode(), dtype=np.uint8
         )
         return atomic_write(path, lambda f: np.savez(f, **arrays))
 
@@ -400,7 +400,8 @@ class ImpressionLog:
         }
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for metadata: numpy scalars and arrays, objects with ``to_dict``."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

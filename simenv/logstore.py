@@ -34,7 +34,7 @@ import numpy as np
 
 from simenv.atomic import atomic_write
 from simenv.config import check_range
-from simenv.log import ImpressionLog, LogFormatError
+from simenv.log import ImpressionLog, LogFormatError, json_default
 from simenv.types import Columns
 
 __all__ = [
@@ -56,16 +56,6 @@ _CREQ = "candidate_request.bin"
 
 # column name -> dtype, in the on-disk order of simenv.log
 _COLUMNS: dict[str, np.dtype] = {c: a.dtype for c, a in ImpressionLog.empty().columns.items()}
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "to_dict"):
-        return o.to_dict()
-    raise TypeError(f"meta value of type {type(o).__name__} is not JSON-serialisable")
 
 
 def _col_file(name: str) -> str:
@@ -184,7 +174,7 @@ class LogStoreWriter:
             else {"rows": self.n_candidates, "width": self.width},
             "meta": self.meta,
         }
-        text = json.dumps(header, default=_json_default, indent=1).encode()
+        text = json.dumps(header, default=json_default, indent=1).encode()
         atomic_write(self._tmp / _HEADER, lambda f: f.write(text))
         if self.path.exists():  # overwrite: move the old store aside, then remove it
             old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old.", dir=self.path.parent))
