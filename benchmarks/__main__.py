@@ -11,7 +11,7 @@ runs the experiments as parallel tasks (one per experiment; see ``benchmarks.par
 same numbers and reports, the index regenerated when all are done.
 
 Exit codes: 0 success; 1 an experiment (or an experiment module) failed, or, with
-``--strict``, a sanity check (or legacy claim) failed; 2 bad usage (unknown name, bad option, invalid config).
+``--strict``, a sanity check failed; 2 bad usage (unknown name, bad option, invalid config).
 """
 
 from __future__ import annotations
@@ -389,17 +389,7 @@ def main(
         )
         outcomes.append(outcome)
         if not args.quiet or not outcome.ok:
-            status = "ok" if outcome.ok else "FAILED"
-            print(
-                f"[{i}/{len(selected)}] {exp.name}: {status} in "
-                f"{format_seconds(outcome.wall_time_s)}; findings "
-                f"{outcome.verdicts.get('HOLDS', 0)} HOLDS / "
-                f"{outcome.verdicts.get('REFUTED', 0)} REFUTED / "
-                f"{outcome.verdicts.get('INCONCLUSIVE', 0)} INCONCLUSIVE; checks "
-                f"{outcome.n_pass} passed / {outcome.n_fail} failed; {outcome.report_path}",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(_status_line(i, len(selected), outcome), file=sys.stderr, flush=True)
     index = Path(args.out) / INDEX_FILE  # regenerated after every experiment
     failed = [o.name for o in outcomes if not o.ok]
     if not args.quiet and len(outcomes) > 1:
@@ -416,9 +406,12 @@ def main(
 
 def _status_line(i: int, n: int, outcome: RunOutcome) -> str:
     status = "ok" if outcome.ok else "FAILED"
+    v = outcome.verdicts
     return (
-        f"[{i}/{n}] {outcome.name}: {status} in {format_seconds(outcome.wall_time_s)}; claims "
-        f"{outcome.n_pass} PASS / {outcome.n_fail} FAIL; {outcome.report_path}"
+        f"[{i}/{n}] {outcome.name}: {status} in {format_seconds(outcome.wall_time_s)}; findings "
+        f"{v.get('HOLDS', 0)} HOLDS / {v.get('REFUTED', 0)} REFUTED / "
+        f"{v.get('INCONCLUSIVE', 0)} INCONCLUSIVE; sanity checks "
+        f"{outcome.n_pass} passed / {outcome.n_fail} failed; {outcome.report_path}"
     )
 
 

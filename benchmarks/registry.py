@@ -6,6 +6,7 @@ An experiment is one module under ``benchmarks/`` with a config and a run functi
 
     from benchmarks.registry import ExperimentConfig, experiment, param
     from benchmarks.runner import RunContext
+    from benchmarks.stats import ratio_effect
 
 
     @dataclass(frozen=True)
@@ -26,10 +27,16 @@ An experiment is one module under ``benchmarks/`` with a config and a run functi
 
     @experiment("perf_env", "Steps per second of BatchedRecEnv.", PerfEnvConfig)
     def run(cfg: PerfEnvConfig, ctx: RunContext) -> None:
+        batched, stepwise = [], []  # user steps per second per seed, timed side by side
         for seed in ctx.seeds:
             rng = ctx.rng(seed, "world")
             ...
-        ctx.report.claim_compare(...)
+        ctx.report.finding(
+            "the batched env steps users at least 10x faster than one env per user",
+            ratio_effect(batched, stepwise, bar=10.0, unit="seeds"),
+            metric="user steps per second",
+            direction=">",
+        )
 
 and its module name appended to :data:`EXPERIMENT_MODULES`. ``python -m benchmarks list``
 shows every field's help; ``--set n_users=500`` overrides a field with a value parsed from

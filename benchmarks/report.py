@@ -6,17 +6,25 @@ An experiment fills a :class:`Report` through its :class:`~benchmarks.runner.Run
     rows = aggregate_over_seeds(per_seed_rows, by=["world", "policy", "model"],
                                 metrics=["recall@100", "wall_s"])
     report.table("Recall", rows, fmt={"recall@100": ".3f", "wall_s": ".1f"})
-    report.claim_compare("two towers beat top-popular", rows[0]["recall@100"], ">",
-                         rows[1]["recall@100"], measured_name="two-tower",
-                         reference_name="popular")
+    eff = paired_effect_over_seeds(two_tower_recall_per_seed, popular_recall_per_seed,
+                                   relative=True)  # per-user arrays, one pair per seed
+    report.finding("two towers beat top-popular on recall@100 by at least 5%", eff,
+                   metric="recall@100", direction=">", min_effect=0.05)
+    report.sanity("the oracle's recall is 1", passed=bool(oracle_recall == 1.0),
+                  evidence=f"oracle recall {oracle_recall:.3f}")
     report.figure("recall_vs_k", fig, "Recall@K against K", data={"k": ks, "recall": r})
     report.headline(f"two-tower recall@100 = {rows[0]['recall@100'].format('.3f')}")
 
-Verdicts are computed from the numbers (``claim_compare``) or passed as a bool computed by
-the experiment (``claim``); the Markdown says PASS or FAIL next to the evidence.
+A **finding** is judged from an effect and its 95% interval (:mod:`benchmarks.stats`):
+HOLDS, REFUTED or INCONCLUSIVE, never from two bare means. A **sanity check** is something
+the design guarantees; it is listed apart and a failed one fails ``--strict``.
+
 ``write()`` renders both files first and then replaces each atomically (temp file +
 ``os.replace``), so a failure never leaves a half-written file. results.json is strict JSON:
-numpy types are converted and NaN / inf become ``null``, listed under ``non_finite``.
+numpy types are converted and NaN / inf become ``null``, listed under ``non_finite``. Its
+``schema`` is 3: findings and sanity checks only (schema 2 also had the PASS/FAIL ``claims``
+and ``claims_summary`` of bare comparisons, removed; :func:`write_index` still reads such
+files and ignores those keys).
 """
 
 from __future__ import annotations
@@ -27,10 +35,9 @@ import enum
 import io
 import json
 import math
-import operator
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +52,6 @@ __all__ = [
     "RunInfo",
     "Finding",
     "SanityCheck",
-    "Claim",
     "Report",
     "to_jsonable",
     "atomic_write",
@@ -59,16 +65,12 @@ __all__ = [
 REPORT_FILE = "report.md"
 RESULTS_FILE = "results.json"
 INDEX_FILE = "index.md"
-SCHEMA_VERSION = 2  # 2: findings (three-way verdicts) and sanity checks
+# results.json schema. 2: findings (three-way verdicts) and sanity checks; 3: the legacy
+# PASS/FAIL claims (``claims``, ``claims_summary``) are gone.
+SCHEMA_VERSION = 3
 ROW_KEYS = ("world", "policy", "model")  # every results row names these, plus seeds and wall time
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "<": operator.lt,
-    "<=": operator.le,
-    ">": operator.gt,
-    ">=": operator.ge,
-}
 
 
 # --------------------------------------------------------------------------- JSON and files
@@ -334,36 +336,12 @@ class SanityCheck:
         return f"- {'passed' if self.passed else '**FAILED**'} — {self.text} — {self.evidence}"
 
 
-@dataclass(frozen=True)
-class Claim:
-    """One claim of an experiment and its verdict.
-
-    Attributes:
-        text: the claim, stated as a hypothesis ("two towers beat top-popular on recall").
-        passed: the verdict computed from the numbers.
-        evidence: the numbers behind the verdict.
-    """
-
-    text: str
-    passed: bool
-    evidence: str
-
-    @property
-    def verdict(self) -> str:
-        """``"PASS"`` or ``"FAIL"``."""
-        return "PASS" if self.passed else "FAIL"
-
-    def line(self) -> str:
-        """The Markdown verdict line."""
-        return f"- **{self.verdict}** — {self.text} — {self.evidence}"
-
-
 class Report:
-    """Collects an experiment's tables, claims, figures and results, and writes them.
+    """Collects an experiment's tables, findings, sanity checks, figures and results.
 
-    Content (sections, tables, figures) is rendered in the order it is added; claims are
-    gathered at the top under the headline; "what was run" (command, seeds, config, versions,
-    commit, machine, wall time) closes the report.
+    Content (sections, tables, figures) is rendered in the order it is added; findings and
+    sanity checks are gathered at the top under the headline; "what was run" (command, seeds,
+    config, versions, commit, machine, wall time) closes the report.
 
     Args:
         info: what was run.
@@ -377,7 +355,6 @@ class Report:
         self.provenance = provenance
         self._headline: str | None = None
         self._items: list[tuple[str, dict[str, Any]]] = []
-        self._claims: list[Claim] = []
         self._findings: list[Finding] = []
         self._sanity: list[SanityCheck] = []
         self._figures: list[dict[str, Any]] = []
@@ -477,8 +454,8 @@ class Report:
             note: text under the table; a sentence saying what "±" means is appended.
 
         Returns:
-            The aggregated rows (cells are :class:`~benchmarks.stats.MeanStd`), e.g. for
-            :meth:`claim_compare`.
+            The aggregated rows (cells are :class:`~benchmarks.stats.MeanStd`), e.g. for the
+            headline (findings take per-user or per-seed values, not these means).
         """
         metrics = [m for m in metrics if m != "wall_s"] + ["wall_s"]
         rows = aggregate_over_seeds(per_seed_rows, by=by, metrics=metrics, online=online)
@@ -561,70 +538,6 @@ class Report:
         self._sanity.append(c)
         return c
 
-    def claim(self, text: str, passed: bool, evidence: str) -> Claim:
-        """Record a claim whose verdict the experiment computed from its numbers.
-
-        Args:
-            text: the claim.
-            passed: the verdict (a Python or numpy bool, computed, never a literal).
-            evidence: the numbers behind it, e.g. ``"recall 0.41 vs 0.30"``.
-
-        Returns:
-            The recorded :class:`Claim`.
-
-        Raises:
-            ValueError: if ``passed`` is not a bool.
-        """
-        if not isinstance(passed, (bool, np.bool_)):
-            raise ValueError(
-                f"claim {text!r}: passed must be a bool, got {type(passed).__name__} {passed!r}"
-            )
-        c = Claim(" ".join(str(text).split()), bool(passed), " ".join(str(evidence).split()))
-        self._claims.append(c)
-        return c
-
-    def claim_compare(
-        self,
-        text: str,
-        measured: Any,
-        op: str,
-        reference: Any,
-        *,
-        measured_name: str = "measured",
-        reference_name: str = "reference",
-        spec: str = ".4g",
-    ) -> Claim:
-        """Record a claim of the form ``measured OP reference`` and compute its verdict.
-
-        Summaries (``MeanStd``, ``ConfidenceInterval``, ``OnlineSummary``) compare on their
-        mean and show in full in the evidence. A NaN on either side fails the claim.
-
-        Args:
-            text: the claim.
-            measured: the measured value (number or summary with a ``mean``).
-            op: one of ``<``, ``<=``, ``>``, ``>=``.
-            reference: the threshold or the baseline's value.
-            measured_name: label of ``measured`` in the evidence.
-            reference_name: label of ``reference`` in the evidence.
-            spec: format spec for the numbers in the evidence.
-
-        Returns:
-            The recorded :class:`Claim`.
-
-        Raises:
-            ValueError: for an unknown ``op``.
-        """
-        if op not in _OPS:
-            raise ValueError(f"op must be one of {sorted(_OPS)}, got {op!r}")
-        lhs, rhs = _point(measured), _point(reference)
-        passed = (not (math.isnan(lhs) or math.isnan(rhs))) and bool(_OPS[op](lhs, rhs))
-        evidence = (
-            f"{measured_name} = {_cell(measured, spec)} {op} "
-            f"{reference_name} = {_cell(reference, spec)}: "
-            + ("holds" if passed else "does not hold")
-        )
-        return self.claim(text, passed, evidence)
-
     def figure(
         self,
         name: str,
@@ -703,11 +616,6 @@ class Report:
     # ----------------------------------------------------------------- reading
 
     @property
-    def claims(self) -> list[Claim]:
-        """The legacy claims recorded so far (bare comparisons; being retired)."""
-        return list(self._claims)
-
-    @property
     def findings(self) -> list[Finding]:
         """The findings recorded so far."""
         return list(self._findings)
@@ -733,7 +641,7 @@ class Report:
         return self._error is not None
 
     def headline_text(self) -> str:
-        """The headline, or one derived from the error / the claims when none was set."""
+        """The headline, or one derived from the error / the findings when none was set."""
         if self._error is not None:
             last = self._error.strip().splitlines()[-1] if self._error.strip() else "error"
             return f"ERROR: {last}"
@@ -745,9 +653,6 @@ class Report:
                 f"{c['HOLDS']} HOLDS, {c['REFUTED']} REFUTED, {c['INCONCLUSIVE']} INCONCLUSIVE "
                 f"of {len(self._findings)} findings"
             )
-        if self._claims:
-            n_pass = sum(c.passed for c in self._claims)
-            return f"{n_pass}/{len(self._claims)} claims pass"
         return "(no headline)"
 
     # ----------------------------------------------------------------- rendering
@@ -758,7 +663,6 @@ class Report:
         """The results.json document (strict JSON types)."""
         non_finite: list[str] = []
         p = self.provenance
-        n_pass = sum(c.passed for c in self._claims)
         doc = {
             "schema": SCHEMA_VERSION,
             "experiment": self.info.name,
@@ -790,11 +694,6 @@ class Report:
             "findings": [f.to_json() for f in self._findings],
             "sanity": [
                 {"text": c.text, "passed": c.passed, "evidence": c.evidence} for c in self._sanity
-            ],
-            "claims_summary": {"pass": n_pass, "fail": len(self._claims) - n_pass},
-            "claims": [
-                {"text": c.text, "verdict": c.verdict, "passed": c.passed, "evidence": c.evidence}
-                for c in self._claims
             ],
             "tables": copy.deepcopy(self._tables),
             "figures": copy.deepcopy(self._figures),
@@ -848,14 +747,6 @@ class Report:
                 "",
             ]
             out += [c.line() for c in self._sanity] + [""]
-        if self._claims:
-            n_pass = sum(c.passed for c in self._claims)
-            out += [
-                f"## Legacy claims ({n_pass} PASS, {len(self._claims) - n_pass} FAIL; "
-                "bare comparisons without an interval, being retired)",
-                "",
-            ]
-            out += [c.line() for c in self._claims] + [""]
         if self._error is not None:
             out += [
                 "## Error",
@@ -957,14 +848,6 @@ class Report:
         return atomic_write(self.out_dir / REPORT_FILE, md_text)
 
 
-def _point(value: Any) -> float:
-    """The number a claim compares: a summary's mean (or ratio), or the value itself."""
-    for attr in ("mean", "ratio"):
-        if hasattr(value, attr) and not isinstance(value, (int, float, np.number)):
-            return float(getattr(value, attr))
-    return float(value)
-
-
 def _md_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -1016,19 +899,16 @@ def write_index(reports_dir: Path | str, order: Sequence[str] = ()) -> Path:
             continue
         fs = doc.get("findings_summary") or {}
         ss = doc.get("sanity_summary") or {}
-        legacy = doc.get("claims_summary") or {}
-        n_legacy = legacy.get("pass", 0) + legacy.get("fail", 0)
+        # results.json of schema <= 2 may also hold PASS/FAIL "claims": not counted, not shown
         if doc.get("status") == "error":
             findings = "ERROR"
-        elif sum(fs.values()) == 0 and n_legacy == 0:
+        elif sum(fs.values()) == 0:
             findings = "no findings"
         else:
             findings = (
                 f"{fs.get('HOLDS', 0)} HOLDS / {fs.get('REFUTED', 0)} REFUTED / "
                 f"{fs.get('INCONCLUSIVE', 0)} INCONCLUSIVE"
             )
-            if n_legacy:
-                findings += f" (+{n_legacy} legacy claims)"
         for k in ("HOLDS", "REFUTED", "INCONCLUSIVE"):
             totals[k] += int(fs.get(k, 0))
         totals["passed"] += int(ss.get("passed", 0))

@@ -226,8 +226,8 @@ class RunOutcome:
     Attributes:
         name: the experiment.
         ok: False if it raised (or its report could not be written).
-        n_pass: sanity checks (and legacy claims) that passed.
-        n_fail: sanity checks (and legacy claims) that failed: something the design
+        n_pass: sanity checks that passed.
+        n_fail: sanity checks that failed: something the design
             guarantees did not happen (``--strict`` exits 1 on these).
         verdicts: findings per verdict (``HOLDS``, ``REFUTED``, ``INCONCLUSIVE``).
         wall_time_s: wall time of the run.
@@ -320,7 +320,7 @@ def run_experiment(
         traceback.print_exc()
         path = None
     write_index(out_root, order)
-    checks = [c.passed for c in report.claims] + [c.passed for c in report.sanity_checks]
+    checks = [c.passed for c in report.sanity_checks]
     n_pass = sum(checks)
     counts = report.verdict_counts()
     return RunOutcome(

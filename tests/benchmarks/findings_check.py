@@ -18,7 +18,7 @@ def check_findings(doc: dict, report: str, n_findings: int, n_sanity: int | None
     """
     findings = doc["findings"]
     assert len(findings) == n_findings, [f["text"] for f in findings]
-    assert not doc["claims"], "a converted experiment records no legacy claim"
+    assert "claims" not in doc and "claims_summary" not in doc, "no PASS/FAIL claims (schema 3)"
     counts = {"HOLDS": 0, "REFUTED": 0, "INCONCLUSIVE": 0}
     for f in findings:
         e = f["effect"]

@@ -201,7 +201,7 @@ def make_registry() -> Registry:
         ctx.report.section("Before", "written before the error")
         raise RuntimeError("boom on purpose")
 
-    @reg.experiment("failing_claim", "Its only sanity check fails.", TinyConfig)
+    @reg.experiment("failing_sanity", "Its only sanity check fails.", TinyConfig)
     def run_failing(cfg, ctx):
         ctx.report.sanity("one exceeds two", bool(1.0 > 2.0), "1 vs 2")
 
@@ -243,16 +243,18 @@ def test_all_continues_past_a_failing_experiment(tmp_path, capsys):
     assert broken["status"] == "error" and "RuntimeError: boom on purpose" in broken["error"]
     md = (out / "broken" / "report.md").read_text()
     assert "## Error" in md and "boom on purpose" in md and "written before the error" in md
-    assert results(out, "failing_claim")["sanity"][0]["passed"] is False
+    assert results(out, "failing_sanity")["sanity"][0]["passed"] is False
     rows = [ln for ln in (out / "index.md").read_text().splitlines() if ln.startswith("| [")]
-    assert [r.split("]")[0] for r in rows] == ["| [tiny", "| [broken", "| [failing_claim"]
+    assert [r.split("]")[0] for r in rows] == ["| [tiny", "| [broken", "| [failing_sanity"]
     assert "| ERROR |" in rows[1] and "0 passed / 1 failed" in rows[2]
 
 
-def test_strict_fails_on_a_failing_claim(tmp_path):
-    args = ["failing_claim", "--quick", "--quiet", "--out", str(tmp_path)]
+def test_strict_fails_on_a_failing_sanity_check(tmp_path, capsys):
+    args = ["failing_sanity", "--quick", "--out", str(tmp_path)]
     assert main(args, registry=make_registry(), modules=[]) == 0
-    assert main([*args, "--strict"], registry=make_registry(), modules=[]) == 1
+    err = capsys.readouterr().err
+    assert "failing_sanity: ok in" in err and "sanity checks 0 passed / 1 failed" in err
+    assert main([*args, "--quiet", "--strict"], registry=make_registry(), modules=[]) == 1
 
 
 def test_seeds_profiles_and_determinism(tmp_path):
@@ -333,9 +335,9 @@ def test_device_is_recorded_and_reaches_the_context(tmp_path):
 
 def test_all_leaves_out_the_excluded(tmp_path, capsys):
     argv = ["all", "--quick", "--quiet", "--out", str(tmp_path)]
-    assert main([*argv, "--exclude", "broken, failing_claim"], make_registry(), []) == 0
+    assert main([*argv, "--exclude", "broken, failing_sanity"], make_registry(), []) == 0
     assert (tmp_path / "tiny" / "results.json").exists()
-    assert not (tmp_path / "broken").exists() and not (tmp_path / "failing_claim").exists()
+    assert not (tmp_path / "broken").exists() and not (tmp_path / "failing_sanity").exists()
     assert main([*argv, "--exclude", "tiny,nope"], make_registry(), []) == 2
     assert "--exclude: unknown experiment(s) ['nope']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
@@ -347,7 +349,7 @@ def test_all_leaves_out_the_excluded(tmp_path, capsys):
 def test_unknown_name_in_process(tmp_path, capsys):
     assert main(["nope", "--out", str(tmp_path)], make_registry(), []) == 2
     assert (
-        "unknown experiment 'nope'; registered: tiny, broken, failing_claim"
+        "unknown experiment 'nope'; registered: tiny, broken, failing_sanity"
         in capsys.readouterr().err
     )
 

@@ -2,10 +2,9 @@
 with tiny config overrides on the quick world (a few seconds each).
 
 Each run must write report.md, results.json (strict JSON: no NaN/Infinity tokens) and its
-figures, record no error, and record findings whose verdicts agree with their effects (or,
-for experiments not yet converted, legacy claims whose verdicts agree with their evidence);
-then a few numbers each experiment promises are checked (rows it must hold, ratios it must
-compute).
+figures, record no error, and record findings whose verdicts agree with their effects (and
+the sanity checks the configuration implies); then a few numbers each experiment promises are
+checked (rows it must hold, ratios it must compute).
 Budgets: 0.2 logged episodes per user, one epoch, one distillation loss, a handful of online
 users, two loop rounds, a few timed env steps.
 """
@@ -47,7 +46,6 @@ SMOKE = {
         "build_repeats": "1",
     },
 }  # fmt: skip
-N_CLAIMS: dict[str, int] = {}  # legacy claims (experiments not yet converted)
 N_FINDINGS = {"losses": 5, "perf-env": 3, "consistency": 12, "loop": 8, "ranker": 4}
 N_SANITY = {"losses": 0, "perf-env": 1, "consistency": 1, "loop": 1, "ranker": 1}
 ROW_COLUMNS = ("world", "policy", "model", "seeds", "wall_s")
@@ -87,21 +85,11 @@ def _run(name, tmp_path):
     assert doc["experiment"] == name and doc["profile"] == "quick" and doc["seeds"] == [0]
     assert doc["overrides"] == SMOKE[name]
     assert (tmp_path / "index.md").exists()
-    if name in N_FINDINGS:
-        check_findings(doc, report, N_FINDINGS[name], N_SANITY[name])
-        return doc, report
-    # claims: all present, verdicts computed and consistent with the summary and the Markdown
-    claims = doc["claims"]
-    assert len(claims) == N_CLAIMS[name]
-    for c in claims:
-        assert isinstance(c["passed"], bool) and c["evidence"]
-        assert c["verdict"] == ("PASS" if c["passed"] else "FAIL")
-        if c["evidence"].endswith("hold") or c["evidence"].endswith("holds"):  # claim_compare
-            assert c["evidence"].endswith(": holds") == c["passed"]
-        assert f"**{c['verdict']}** — {c['text']}" in report
-    n_pass = sum(c["passed"] for c in claims)
-    assert doc["claims_summary"] == {"pass": n_pass, "fail": len(claims) - n_pass}
-    assert out.n_pass == n_pass and out.n_fail == len(claims) - n_pass
+    # findings: present, verdicts recomputed from their effects, Markdown consistent
+    check_findings(doc, report, N_FINDINGS[name], N_SANITY[name])
+    assert out.verdicts == doc["findings_summary"]
+    assert out.n_pass == doc["sanity_summary"]["passed"]
+    assert out.n_fail == doc["sanity_summary"]["failed"]
     # figures: every recorded PNG exists and is embedded
     assert doc["figures"]
     for fig in doc["figures"]:

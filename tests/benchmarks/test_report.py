@@ -183,7 +183,8 @@ def test_golden_content_is_computed_from_numbers(tmp_path):
     assert verdicts == ["INCONCLUSIVE", "HOLDS", "REFUTED"]
     assert doc["findings_summary"] == {"HOLDS": 1, "REFUTED": 1, "INCONCLUSIVE": 1}
     assert doc["sanity_summary"] == {"passed": 1, "failed": 0}
-    assert doc["claims_summary"] == {"pass": 0, "fail": 0}
+    assert "claims" not in doc and "claims_summary" not in doc  # schema 3: no PASS/FAIL claims
+    assert doc["schema"] == 3
     # paired over seeds: differences 0.125 and 0.5; over users: 0.5, 0.25, 0.5, 0.25
     assert doc["findings"][0]["effect"]["estimate"] == 0.3125
     assert doc["findings"][1]["effect"]["estimate"] == 0.375
@@ -198,53 +199,55 @@ def test_golden_content_is_computed_from_numbers(tmp_path):
     }
 
 
-# ------------------------------------------------------------------------- claims
+# ------------------------------------------------------------------------- verdict lines
 
 
-def test_failing_claim_renders_fail_with_numbers(tmp_path):
+def test_refuted_finding_and_failed_sanity_check_render_with_numbers(tmp_path):
     r = Report(RunInfo("x", "d", GoldenConfig(), (0,), True), tmp_path, FIXED)
-    c = r.claim_compare("recall beats popular", 0.2125, ">", 0.3, measured_name="recall")
+    assert r.headline_text() == "(no headline)"
+    # per-user differences all negative: the claimed gain is refuted
+    f = r.finding(
+        "recall beats popular",
+        paired_effect([0.25, 0.5, 0.25, 0.5], [0.5, 0.75, 0.5, 0.625]),
+        metric="recall",
+    )
+    assert f.verdict == "REFUTED"
+    c = r.sanity("oracle beats random", bool(0.2125 > 0.3), "0.2125 vs 0.3")
     assert not c.passed
     md = r.render_markdown(1.0)
-    assert "## Legacy claims (0 PASS, 1 FAIL;" in md
-    assert (
-        "- **FAIL** — recall beats popular — recall = 0.2125 > reference = 0.3: does not hold" in md
-    )
-    assert r.headline_text() == "0/1 claims pass"
+    assert "## Findings (0 HOLDS, 1 REFUTED, 0 INCONCLUSIVE)" in md
+    assert f"- **REFUTED** — recall beats popular — recall: {f.evidence()}" in md
+    assert "means 0.375 vs 0.594" in f.evidence()
+    assert "## Sanity checks (0 passed, 1 failed)" in md
+    assert "- **FAILED** — oracle beats random — 0.2125 vs 0.3" in md
+    assert "claims" not in md.lower() and "PASS" not in md  # no PASS/FAIL bare comparisons
+    assert r.headline_text() == "0 HOLDS, 1 REFUTED, 0 INCONCLUSIVE of 1 findings"
+    counts = r.verdict_counts()
+    assert counts["REFUTED"] == 1 and counts["sanity_failed"] == 1
 
 
-@pytest.mark.parametrize(
-    ("lhs", "op", "rhs", "expected"),
-    [
-        (1.0, "<", 2.0, True),
-        (2.0, "<", 2.0, False),
-        (2.0, "<=", 2.0, True),
-        (3.0, ">", 2.0, True),
-        (2.0, ">=", 2.0000001, False),
-        (float("nan"), "<", 2.0, False),
-        (float("nan"), ">=", float("nan"), False),
-        (2.0, ">", float("nan"), False),
-    ],
-)
-def test_claim_compare_operators(tmp_path, lhs, op, rhs, expected):
-    r = Report(RunInfo("x", "d", GoldenConfig(), (0,), True), tmp_path, FIXED)
-    assert r.claim_compare("c", lhs, op, rhs).passed is expected
+def test_bare_comparison_api_is_gone():
+    # Verdicts come from an interval (finding) or a design guarantee (sanity), never from
+    # comparing two bare means.
+    for name in ("claim", "claim_compare", "claims"):
+        assert not hasattr(Report, name), name
+    import benchmarks.report as report_module
+
+    assert not hasattr(report_module, "Claim")
 
 
-def test_claim_compares_summary_means(tmp_path):
-    r = Report(RunInfo("x", "d", GoldenConfig(), (0, 1), True), tmp_path, FIXED)
-    a, b = mean_std([0.4, 0.6]), mean_std([0.45, 0.5])
-    c = r.claim_compare("a beats b", a, ">", b, measured_name="a", reference_name="b")
-    assert c.passed  # 0.5 > 0.475
-    assert c.evidence == "a = 0.5 ± 0.1414 > b = 0.475 ± 0.03536: holds"
-
-
-def test_claim_rejects_non_bool_and_bad_op(tmp_path):
+def test_finding_and_sanity_reject_bad_input(tmp_path):
     r = Report(RunInfo("x", "d", GoldenConfig(), (0,), True), tmp_path, FIXED)
     with pytest.raises(ValueError, match="passed must be a bool"):
-        r.claim("c", 1, "e")
-    with pytest.raises(ValueError, match="op must be one of"):
-        r.claim_compare("c", 1.0, "==", 1.0)
+        r.sanity("c", 1, "e")
+    with pytest.raises(ValueError, match="effect must be a benchmarks.stats.Effect"):
+        r.finding("c", 0.5, metric="m")
+    eff = paired_effect([1.0, 2.0], [0.5, 1.0])
+    with pytest.raises(ValueError, match="direction must be one of"):
+        r.finding("c", eff, metric="m", direction="==")
+    with pytest.raises(ValueError, match="min_effect must be a number >= 0"):
+        r.finding("c", eff, metric="m", min_effect=-0.1)
+    assert r.findings == [] and r.sanity_checks == []
 
 
 def test_error_is_recorded_and_headlined(tmp_path):
@@ -394,6 +397,44 @@ def test_index_lists_every_experiment_in_order(tmp_path):
     _results(quick, "a", status="ok", headline="h", seeds=[0], profile="quick")
     text = write_index(quick).read_text()
     assert "**Quick profile, one seed: verdicts are indicative.**" in text
+
+
+def test_index_reads_results_of_older_schemas(tmp_path):
+    # schema 2 wrote PASS/FAIL "claims" beside the findings; older files had only claims.
+    # Neither crashes the index, and those claims are neither counted nor shown.
+    _results(
+        tmp_path,
+        "two",
+        schema=2,
+        status="ok",
+        headline="h2",
+        findings_summary={"HOLDS": 1, "REFUTED": 0, "INCONCLUSIVE": 2},
+        sanity_summary={"passed": 1, "failed": 0},
+        claims_summary={"pass": 3, "fail": 1},
+        claims=[{"text": "a beats b", "verdict": "PASS", "passed": True, "evidence": "e"}],
+        seeds=[0, 1, 2],
+        profile="full",
+        wall_time_s=1.0,
+    )
+    _results(
+        tmp_path,
+        "one",
+        schema=1,
+        status="ok",
+        headline="h1",
+        claims_summary={"pass": 2, "fail": 0},
+        seeds=[0, 1, 2],
+        profile="full",
+    )
+    text = write_index(tmp_path, order=["two", "one"]).read_text()
+    rows = [ln for ln in text.splitlines() if ln.startswith("| [")]
+    assert rows == [
+        "| [two](two/report.md) | h2 | 1 HOLDS / 0 REFUTED / 2 INCONCLUSIVE "
+        "| 1 passed / 0 failed | 0,1,2 | full | 1.00 s |",
+        "| [one](one/report.md) | h1 | no findings | — | 0,1,2 | full | — |",
+    ]
+    assert "claims" not in text.lower() and "PASS" not in text
+    assert "In all: 1 HOLDS, 0 REFUTED, 2 INCONCLUSIVE; sanity checks 1 passed, 0 failed." in text
 
 
 def test_index_without_reports(tmp_path):
