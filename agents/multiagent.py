@@ -14,6 +14,10 @@ other:
   picks the slate from it (the generator is rewarded by what the ranker makes of its set).
 
 They wrap the single-user :class:`simenv.RecEnv` and pass ``gymnasium``'s ``check_env``.
+
+:class:`agents.pettingzoo_env.TwoAgentParallelEnv` exposes :class:`TwoAgentRecEnv` through
+PettingZoo's parallel API (alternating phases: one parallel step per agent's turn; needs the
+``rl`` extra).
 """
 
 from __future__ import annotations
@@ -260,8 +264,8 @@ def train_jointly(
     :class:`TwoAgentRecEnv`'s game played by B users at once: both agents act on every
     request and get the same reward.
 
-    (A PettingZoo wrapper is not provided: the two agents act in turns within one step, which
-    is PettingZoo's AEC API rather than its parallel one, and pettingzoo is not a dependency.)
+    (For multi-agent RL libraries, :class:`agents.pettingzoo_env.TwoAgentParallelEnv` serves
+    the same game one user at a time through PettingZoo's parallel API.)
 
     Args:
         generator: a :class:`agents.reinforce.ReinforceGenerator` (trained in place).

@@ -210,3 +210,16 @@ def test_ranker_env_needs_k_candidates(world):
     env = RankerEnv(RecEnv(cfg, world=w), Short(), K)
     with pytest.raises(RuntimeError, match=f"fewer than K={K} candidates"):
         env.reset(seed=0)
+
+
+def test_pettingzoo_adapter_without_pettingzoo_names_the_extra(monkeypatch):
+    # pettingzoo hidden (a None entry in sys.modules makes its import fail) and the adapter
+    # module imported afresh: the error names the extra to install
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pettingzoo", None)
+    monkeypatch.delitem(sys.modules, "agents.pettingzoo_env", raising=False)
+    with pytest.raises(ImportError, match=r"needs pettingzoo.*pip install -e \.\[rl\]"):
+        importlib.import_module("agents.pettingzoo_env")
+    import agents.multiagent  # noqa: F401  (the project itself works without it)
