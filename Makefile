@@ -29,7 +29,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_INDEX_ARG) "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev,rl]"
+	$(BIN)/pip install --quiet -e ".[dev,rl,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
