@@ -67,7 +67,7 @@ class ConsistencyConfig(ExperimentConfig):
 
     epochs: int = param(3, "generator training epochs (early stopping on validation recall)")
     max_examples_per_epoch: int | None = param(
-        150_000, "training examples drawn per generator epoch (none: all)"
+        80_000, "training examples drawn per generator epoch (none: all)"
     )
     batch_size: int = param(1024, "generator batch size")
     ks: tuple[int, ...] = param((50, 100, 200, 500), "K: candidates the generator gives the ranker")
@@ -77,10 +77,15 @@ class ConsistencyConfig(ExperimentConfig):
         (0.5, 1.0), "lambda grid; each loss's lambda is chosen on validation"
     )
     teacher_queries: int = param(10_000, "training requests the ranker labels")
-    valid_users: int = param(200, "validation users per rollout (choices)")
-    test_users: int = param(400, "test users per rollout (verdicts)")
+    all_ks_every_loss: bool = param(
+        False,
+        "test rollouts of every loss at every K (false: every loss at select_k, positives only "
+        "and the loss chosen on validation at every K)",
+    )
+    valid_users: int = param(120, "validation users per rollout (choices)")
+    test_users: int = param(250, "test users per rollout (verdicts)")
     noise_levels: tuple[float, ...] = param(
-        (1.0, 3.0), "regime map: ranker error in standard deviations of its scores (0 = the ranker)"
+        (2.0,), "regime map: ranker error in standard deviations of its scores (0 = the ranker)"
     )
     map_weights: tuple[float, ...] = param((0.5, 1.0), "regime map: lambda values")
     map_ks: tuple[int, ...] = param((50, 200), "regime map: K values")
@@ -309,11 +314,15 @@ def _thesis(st: _Seed) -> None:
         st.lam[loss] = max(cfg.weights, key=lambda lam, loss=loss: valid_reward(_arm(loss, lam)))
     st.chosen = {loss: _arm(loss, st.lam[loss]) for loss in cfg.losses}
     st.best = max(st.chosen.values(), key=valid_reward)
-    # test: positives only and every loss at its lambda, at every K
+    # test: positives only and the chosen distilled arm at every K; every other loss (at its
+    # lambda) at select_k, or at every K with all_ks_every_loss
     for arm in (POS, *st.chosen.values()):
         model = st.gens[(0.0, arm)]
         for kc in cfg.ks:
-            st.reward(f"{arm} K={kc}", "test", lambda model=model, kc=kc: st.pipeline(model, kc))
+            if arm in (POS, st.best) or kc == sk or cfg.all_ks_every_loss:
+                st.reward(
+                    f"{arm} K={kc}", "test", lambda model=model, kc=kc: st.pipeline(model, kc)
+                )
     # the best learned pipeline, chosen on validation among (positives only, best distilled) x K
     for arm in (POS, st.best):
         model = st.gens[(0.0, arm)]
@@ -453,7 +462,7 @@ def _report(cfg: ConsistencyConfig, ctx: RunContext, seeds: list[_Seed]) -> None
         for arm in (POS, *s.chosen.values()):
             off_rows.append({"world": wl[s.seed], "policy": s.data.label, "model": arm, "seed": s.seed,
                              "wall_s": s.gen_s[(0.0, arm)], **{f"rrr@{kc}": s.offline[arm][f"rrr@{kc}"] for kc in cfg.ks}})  # fmt: skip
-            for kc in cfg.ks:
+            for kc in (kc for kc in cfg.ks if (f"{arm} K={kc}", "test") in s.online):
                 on_rows.append({"world": wl[s.seed], "policy": f"K={kc}", "model": arm if arm == POS else "distilled (" + arm.split("distilled ")[1] + ")",
                                 "seed": s.seed, "wall_s": 0.0, "reward": s.online[(f"{arm} K={kc}", "test")]["reward"]})  # fmt: skip
         for name in (

@@ -42,8 +42,8 @@ CONCENTRATION = ("gini", "top1pct_share", "shown_items", "leakage@100")
 class LoopExperimentConfig(ExperimentConfig):
     """Closed-loop rounds: the greedy loop vs the improved loop (with and without the exploration source)."""
 
-    rounds: int = param(4, "retrain-and-act rounds after the random start")
-    users_per_round: int = param(2_000, "user episodes per round")
+    rounds: int = param(3, "retrain-and-act rounds after the random start")
+    users_per_round: int = param(1_500, "user episodes per round")
     quota: int = param(200, "K candidates from the generator")
     epsilon: float = param(0.1, "epsilon-greedy exploration of the improved loop")
     explore_quota: int = param(20, "candidates per request from the exploration source")
@@ -51,7 +51,7 @@ class LoopExperimentConfig(ExperimentConfig):
     distill_weight: float = param(0.5, "lambda of the improved loop's generator")
     ranker_epochs: int = param(2, "ranker epochs per round")
     generator_epochs: int = param(3, "generator epochs per round")
-    teacher_queries: int = param(10_000, "requests labelled by the ranker per round")
+    teacher_queries: int = param(6_000, "requests labelled by the ranker per round")
 
     def __post_init__(self) -> None:
         if not isinstance(self.rounds, int) or self.rounds < 2:

@@ -66,14 +66,14 @@ class OPEConfig(ExperimentConfig):
     train_episodes_per_user: float = param(
         1.0, "logged episodes per user of the models' training log"
     )
-    log_users: int = param(4_000, "user episodes in the evaluation log (the bootstrap population)")
+    log_users: int = param(2_500, "user episodes in the evaluation log (the bootstrap population)")
     sizes: tuple[int, ...] = param((1_000, 3_000, 10_000, 30_000, 100_000), "log sizes (sessions)")
     replicates: int = param(200, "bootstrap logs per size")
     quota: int = param(200, "K of the pipeline target")
     ranker_epochs: int = param(2, "ranker epochs (the DM's click model and the pipeline)")
     epochs: int = param(5, "generator epochs of the pipeline target")
-    truth_draws: int = param(4, "slates drawn per step for a stochastic target's truth")
-    online_users: int = param(1_000, "users of each target's online run")
+    truth_draws: int = param(3, "slates drawn per step for a stochastic target's truth")
+    online_users: int = param(600, "users of each target's online run")
     calibration_requests: int = param(20_000, "logged requests that calibrate the click model")
     horizon: int = param(0, "slates per episode (0: the profile's horizon; smoke tests cut it)")
 

@@ -110,7 +110,8 @@ def variants(volumes: tuple[float, ...]) -> list[Variant]:
     return out
 
 
-#: One variant per factor under --quick (make demo): the strongest of each in the full runs.
+#: One variant per factor (the strongest of each in the 16-variant run of e5d4f54), in both
+#: profiles; the other variants run with ``--set variants=...`` (names as in the table).
 QUICK_VARIANTS = (
     "1 logged episodes per user",
     "log: + own closed-loop log",
@@ -133,10 +134,10 @@ class RankerExperimentConfig(ExperimentConfig):
         (1.0, 10.0), "episodes per user of the data-volume factor (current: 3)"
     )
     variants: tuple[str, ...] = param(
-        (), "run only these variants (names as in the table; empty: all)"
+        QUICK_VARIANTS, "run only these variants (names as in the table; empty: all)"
     )
-    valid_users: int = param(150, "validation users per rollout (choices)")
-    test_users: int = param(300, "test users per rollout (verdicts)")
+    valid_users: int = param(100, "validation users per rollout (choices)")
+    test_users: int = param(250, "test users per rollout (verdicts)")
     generator_epochs: int | None = param(
         None, "epochs of the self-logging agent's generator (none: the recipe's)"
     )
@@ -166,7 +167,7 @@ class RankerExperimentConfig(ExperimentConfig):
 
     @classmethod
     def quick(cls) -> RankerExperimentConfig:
-        return replace(cls(), variants=QUICK_VARIANTS, valid_users=150, test_users=250)
+        return replace(cls(), valid_users=150, test_users=250)
 
 
 def _users(

@@ -90,13 +90,13 @@ class RLConfig(ExperimentConfig):
     )
     gamma: float = param(0.9, "discount per slate of the long-term REINFORCE")
     rf_epochs: int = param(1, "REINFORCE epochs over the logged requests")
-    rf_requests: int = param(10_000, "logged requests drawn per REINFORCE epoch")
+    rf_requests: int = param(6_000, "logged requests drawn per REINFORCE epoch")
     rf_lr: float = param(1e-3, "REINFORCE learning rate")
     weight_cap: float = param(10.0, "cap c on the importance weight pi / beta")
     online_rounds: int = param(1, "online REINFORCE rounds after the logged ones")
-    online_users: int = param(500, "user episodes per online round")
+    online_users: int = param(300, "user episodes per online round")
     joint_rounds: int = param(1, "rounds of the two-agent joint training")
-    eval_users: int = param(600, "users per evaluation rollout")
+    eval_users: int = param(400, "users per evaluation rollout")
     ppo_steps: int = param(16_384, "SB3 PPO env steps on RecEnv-small-v0 (0 skips PPO)")
     horizon: int = param(
         0, "slates per episode online (0: the profile's horizon; smoke tests cut it)"
