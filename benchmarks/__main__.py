@@ -426,6 +426,7 @@ def _run_parallel(
 ) -> list[RunOutcome]:
     """``--backend processes|ray``: one task per experiment (see benchmarks.parallel)."""
     from benchmarks.parallel import ExperimentTask, run_experiments
+    from benchmarks.registry import FULL_MINUTES
 
     tasks = [
         ExperimentTask(
@@ -440,6 +441,7 @@ def _run_parallel(
             argv=list(sys.argv),
             order=tuple(registry.names()),
             device=args.device,
+            cost=FULL_MINUTES.get(exp.name, 1.0),
         )
         for exp in selected
     ]

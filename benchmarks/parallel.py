@@ -43,6 +43,8 @@ class ExperimentTask:
         argv: the parent's argument vector (recorded in results.json).
         order: experiment order for the index.
         device: the ``--device`` of the run (torch device of the experiments).
+        cost: expected run time (any unit); the costliest tasks are submitted first, so that
+            a long experiment does not start last (outcomes keep the order of ``tasks``).
     """
 
     name: str
@@ -56,6 +58,7 @@ class ExperimentTask:
     argv: list[str]
     order: tuple[str, ...]
     device: str = "cpu"
+    cost: float = 0.0
 
 
 def _run_task(task: ExperimentTask, registry: Registry) -> RunOutcome:
@@ -101,9 +104,21 @@ def run_experiments(
         One :class:`RunOutcome` per task.
     """
     tasks = [dataclasses.replace(t, out_root=Path(t.out_root).resolve()) for t in tasks]
-    outcomes = map_shards(
-        _run_task, tasks, registry, backend, workers, progress=False, on_result=on_done
-    )
+    # longest first (stable: equal costs keep their order); a worker takes the next task
+    # as soon as it is free, so a long task submitted last would finish long after the rest
+    submit = sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)
+
+    def done(j: int, outcome: RunOutcome) -> None:
+        if on_done is not None:
+            on_done(submit[j], outcome)
+
+    ran = map_shards(
+        _run_task, [tasks[i] for i in submit], registry, backend, workers, progress=False,
+        on_result=done,
+    )  # fmt: skip
+    outcomes: list[RunOutcome] = [None] * len(tasks)  # type: ignore[list-item]
+    for j, i in enumerate(submit):
+        outcomes[i] = ran[j]
     for root in sorted({t.out_root for t in tasks}):
         write_index(root, tasks[0].order)
     return outcomes

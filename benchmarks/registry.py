@@ -58,6 +58,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "EXPERIMENT_MODULES",
+    "FULL_MINUTES",
     "RESERVED_NAMES",
     "ExperimentConfig",
     "param",
@@ -93,6 +94,27 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.rl",
     "benchmarks.ope",
 ]
+
+#: Minutes of each experiment's full profile with 3 seeds and one thread, as measured (beside
+#: a second experiment on a 2-core machine). Only the parallel backends read it: they submit
+#: the longest experiments first. An experiment missing here counts as 1 minute.
+FULL_MINUTES: dict[str, float] = {
+    "ranker": 60.0,
+    "consistency": 60.0,
+    "loop": 40.0,
+    "rl": 30.0,
+    "losses": 18.1,
+    "ope": 15.0,
+    "movielens": 10.0,
+    "perf": 10.0,
+    "folding": 8.0,
+    "user-towers": 8.0,
+    "item-towers": 6.0,
+    "baselines": 6.0,
+    "similarity": 6.0,
+    "dimension": 6.0,
+    "perf-env": 0.5,
+}
 
 RESERVED_NAMES = frozenset({"all", "list"})
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")

@@ -91,3 +91,32 @@ def test_bad_backend_options_exit_2(tmp_path, capsys, args, match):
     with pytest.raises(SystemExit) as e:
         main(["all", "--quick", "--out", str(tmp_path), *args], make_registry(), [])
     assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_costliest_tasks_are_submitted_first_and_outcomes_keep_task_order(tmp_path):
+    from benchmarks.parallel import ExperimentTask, run_experiments
+
+    reg = make_registry()
+    names, costs = ("draw-a", "draw-b", "raises"), (1.0, 5.0, 3.0)
+    tasks = [
+        ExperimentTask(
+            name=n,
+            cfg=DrawConfig.quick(),
+            seeds=(0,),
+            quick=True,
+            command=f"cmd {n}",
+            overrides={},
+            out_root=tmp_path,
+            threads=1,
+            argv=[],
+            order=names,
+            cost=c,
+        )  # fmt: skip
+        for n, c in zip(names, costs, strict=True)
+    ]
+    started: list[int] = []
+    # serial backend with one worker: tasks finish in submission order
+    outs = run_experiments(tasks, reg, "serial", 1, on_done=lambda i, o: started.append(i))
+    assert started == [1, 2, 0]  # draw-b (5), raises (3), draw-a (1)
+    assert [o.name for o in outs] == list(names)
+    assert [o.ok for o in outs] == [True, True, False]
