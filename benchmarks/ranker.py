@@ -8,7 +8,9 @@ the simulator's draws are a function of the user, so the comparison is paired pe
 
 (a) data volume: 1, 3 (current) and 10 logged episodes per user, the same training compute;
 (b) exposure: the popularity-policy log vs an in-group uniform exploration log, a log with
-    epsilon = 0.5 uniform exploration, and the current agent's own closed-loop log appended;
+    epsilon = 0.5 uniform exploration, the current agent's own closed-loop log appended, and
+    16 uniformly drawn released catalog items appended to each training slate as "not
+    clicked" examples (``catalog_negatives``);
 (c) position bias in the labels: position as a training-time feature served at the top, or
     clicks weighted by the inverse of their position's examination probability;
 (d) what the ranker predicts: the click, or the expected reward of the env's reward mix
@@ -84,6 +86,7 @@ def variants(volumes: tuple[float, ...]) -> list[Variant]:
         Variant("log: uniform in group", FACTORS["b"], c.replace(policy="in-group-uniform")),
         Variant("log: popularity with epsilon 0.5", FACTORS["b"], c.replace(epsilon=0.5)),
         Variant("log: + own closed-loop log", FACTORS["b"], c.replace(own_log_rounds=1)),
+        Variant("catalog negatives (16 per slate)", FACTORS["b"], c.replace(catalog_negatives=16)),
         Variant("position as a feature", FACTORS["c"], c.replace(position="feature")),
         Variant("inverse examination weights", FACTORS["c"], c.replace(position="ipw")),
         Variant(

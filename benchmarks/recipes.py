@@ -66,6 +66,9 @@ class RankerRecipe:
             offset per slate position during training, served at the top position) or
             ``"ipw"`` (clicks weighted by the inverse of the examination probability of their
             position, estimated from the log).
+        catalog_negatives: uniformly drawn released catalog items appended to each training
+            slate as "not clicked" pointwise examples (:class:`ranking.RankerTrainConfig`;
+            0: off): the ranker is told something about the items the log never showed.
         cross_features: the ranker's pair crosses (an ablation removes some).
         hidden: the pair network's width.
         mlp: widths of its ReLU layers.
@@ -87,6 +90,7 @@ class RankerRecipe:
     episodes_per_user: float = 3.0
     heads: tuple[str, ...] = ("click",)
     position: str = "none"
+    catalog_negatives: int = 0
     cross_features: tuple[str, ...] = RankerConfig().cross_features
     hidden: int = 32
     mlp: tuple[int, ...] = (32,)
@@ -107,6 +111,9 @@ class RankerRecipe:
             raise ValueError(f"episodes_per_user must be > 0, got {self.episodes_per_user}")
         if self.position not in POSITION_MODES:
             raise ValueError(f"position must be one of {POSITION_MODES}, got {self.position!r}")
+        c = self.catalog_negatives
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 100_000:
+            raise ValueError(f"catalog_negatives must be an integer in [0, 100000], got {c!r}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
         m = self.max_slates_per_epoch
@@ -236,6 +243,7 @@ def train_recipe_ranker(
             max_slates_per_epoch=recipe.max_slates_per_epoch,
             history_length=data.history_length,
             position_debias=recipe.position,
+            catalog_negatives=recipe.catalog_negatives,
             patience=0,
             progress=False,
             seed=seed,

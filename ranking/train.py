@@ -7,6 +7,12 @@ The lecture's ranking losses ("Напоминание: лоссы ранжиро
 - pairwise: ``-log sigmoid(x_1 - x_2)`` for every pair of shown items of one slate with
   ``y_1 > y_2`` (clicked above shown-and-not-clicked).
 
+A logging policy shows a small part of the catalog, while the single-stage agent scores all of
+it (exposure bias: the ranker has never been told anything about the never-shown items, and its
+argmax over the catalog lands on spuriously high scores among them). ``catalog_negatives``
+appends uniformly drawn released catalog items to every training slate as pointwise "not
+clicked" examples (:class:`RankerTrainConfig`).
+
 :func:`train_ranker` fits the item statistics on the training log, trains with AdamW (progress
 bar, early stopping on validation AUC or log loss, atomic checkpoints with the config,
 ``threads`` option) and leaves the ranker with its best validation weights. Popularity features
@@ -44,7 +50,7 @@ from simenv.config import check_range as _check
 from simenv.device import autocast, check_device, check_precision, resolve_device, to_device
 from simenv.history import EventSequences, impression_examples, take_obs
 from simenv.log import ImpressionLog
-from simenv.types import Columns, EventType, ItemCatalog
+from simenv.types import Columns, EventType, ItemCatalog, Obs
 
 __all__ = [
     "RankerTrainConfig",
@@ -94,6 +100,27 @@ class RankerTrainConfig:
             examination probability, estimated from the training log as the click rate at
             that position over the click rate at the top (clipped to [0.05, 1]; weights
             normalised to mean 1 over the examples).
+        catalog_negatives: extra "not clicked" items appended to each training slate, drawn
+            uniformly at random (with replacement) from the items released by the slate's
+            request time (its observation's ``context[:, 0]``; the rule of serving:
+            ``release_time <= t``), a fresh draw per slate and epoch (0: off). Their labels
+            are all 0 (click, like, dislike, watch); their statistics features are the served
+            ones (no leave-one-out: they were not shown). They enter only the pointwise click
+            BCE: not the in-slate pairwise loss (they were never examined, so "clicked above
+            not clicked under the same examination" does not hold for them), and not the
+            extra heads' losses (those are conditional on a click). Under
+            ``position_debias="feature"`` they take the top position's offset (0): the ranker
+            is served at the top, and a sampled item is a stand-in for "what the agent would
+            show first" (their logit is pushed down by itself, with no position to blame);
+            under ``"ipw"`` their weight is 1 (a non-click). A draw that equals an item shown
+            in the same slate gets weight 0 (its label is the shown one's). The draws come
+            from a generator seeded by ``seed`` (and the process's rank), separate from the
+            shuffles', so the slates' order is the same with and without negatives.
+        catalog_negative_weight: weight of each sampled item's BCE term. The pointwise term is
+            ``(sum_shown w l + catalog_negative_weight * sum_sampled l) / sum_shown w`` (``w``:
+            1, or the inverse examination weights): the shown items' part is exactly the term
+            without negatives, and each sampled item counts as ``catalog_negative_weight``
+            shown non-clicks.
         early_stopping: ``"auc"`` (maximise validation AUC of clicks) or ``"logloss"``.
         patience: epochs without validation improvement before stopping (0: never stop early).
         restore_best: end with the weights of the best validation epoch.
@@ -122,6 +149,8 @@ class RankerTrainConfig:
     head_weight: float = 1.0
     leave_one_out: bool = True
     position_debias: str = "none"
+    catalog_negatives: int = 0
+    catalog_negative_weight: float = 1.0
     early_stopping: str = "auc"
     patience: int = 2
     restore_best: bool = True
@@ -153,6 +182,8 @@ class RankerTrainConfig:
             raise ValueError(
                 f"position_debias must be one of {POSITION_DEBIAS}, got {self.position_debias!r}"
             )
+        _check("catalog_negatives", self.catalog_negatives, 0, 100_000, integer=True)
+        _check("catalog_negative_weight", self.catalog_negative_weight, 0.0, 1e6)
         if self.early_stopping not in ("auc", "logloss"):
             raise ValueError(
                 f"early_stopping must be 'auc' or 'logloss', got {self.early_stopping!r}"
@@ -354,23 +385,86 @@ def examination_estimate(data: SlateData) -> np.ndarray:
     return np.clip(ctr / ctr[0], 0.05, 1.0)
 
 
+class _CatalogNegatives:
+    """Uniform draws of released catalog items for each training slate (``catalog_negatives``).
+
+    Args:
+        release_time: float32 (N,) the catalog's release times.
+        n: items drawn per slate.
+        rng: the generator of the draws (seeded by the caller).
+    """
+
+    def __init__(self, release_time: np.ndarray, n: int, rng: np.random.Generator) -> None:
+        rt = np.asarray(release_time, dtype=np.float32)
+        self.order = np.argsort(rt, kind="stable")  # items by release time
+        self.sorted_release = rt[self.order]
+        self.n = int(n)
+        self.rng = rng
+
+    def draw(self, times: np.ndarray) -> np.ndarray:
+        """int64 (B, n): uniform with replacement over the items released by each time.
+
+        The items released by ``t`` (``release_time <= t``, as served) are a prefix of the
+        release order; a row before every release (no shown slate can be) draws from all.
+        """
+        t = np.asarray(times, dtype=np.float32)
+        n_rel = np.searchsorted(self.sorted_release, t, side="right")  # (B,)
+        n_rel = np.where(n_rel > 0, n_rel, self.order.size)
+        u = self.rng.random((t.size, self.n))  # (B, n) in [0, 1)
+        pos = np.minimum((u * n_rel[:, None]).astype(np.int64), n_rel[:, None] - 1)
+        return self.order[pos]
+
+
+def _negative_rng(config: RankerTrainConfig, rank: int, world: int) -> np.random.Generator:
+    """The generator of the catalog negatives: from ``config.seed``, apart from the shuffles'."""
+    return np.random.default_rng(
+        np.random.SeedSequence([config.seed, 0x4E45] + ([rank] if world > 1 else []))
+    )
+
+
 def _batch_tensors(
-    stats: ItemStatistics, data: SlateData, rows: np.ndarray, config: RankerTrainConfig
+    stats: ItemStatistics,
+    data: SlateData,
+    rows: np.ndarray,
+    config: RankerTrainConfig,
+    negatives: _CatalogNegatives | None = None,
 ) -> dict[str, Any]:
-    """The tensors of one training batch, on the CPU (numpy in, torch out)."""
+    """The tensors of one training batch, on the CPU (numpy in, torch out).
+
+    With ``negatives`` (a sampler of ``config.catalog_negatives`` items per slate), the sampled
+    items follow the k shown ones in ``items`` (b, k + m), with zero labels and statistics
+    features without leave-one-out; ``n_shown`` is k and ``negative_mask`` (b, m) is 0 where a
+    draw equals an item shown in the same slate, 1 elsewhere.
+    """
     items = data.items[rows]
     clicked, liked = data.clicked[rows], data.liked[rows]
     disliked, watch = data.disliked[rows], data.watch[rows]
     exclude = (clicked, liked, disliked, watch) if config.leave_one_out else None
-    return {
-        "obs": _obs_to_torch(take_obs(data.obs, rows)),
-        "items": torch.from_numpy(items),  # (b, k)
-        "item_stats": torch.from_numpy(stats.features(items, exclude=exclude)),
-        "clicked": torch.from_numpy(clicked),  # (b, k)
-        "liked": torch.from_numpy(liked),
-        "disliked": torch.from_numpy(disliked),
-        "watch": torch.from_numpy(watch),
-    }
+    obs = take_obs(data.obs, rows)
+    item_stats = stats.features(items, exclude=exclude)
+    out: dict[str, Any] = {"n_shown": int(items.shape[1])}
+    if negatives is not None and negatives.n > 0:
+        neg = negatives.draw(obs[Obs.CONTEXT][:, 0])  # (b, m) released by the request time
+        mask = ~(neg[:, :, None] == items[:, None, :]).any(axis=2)
+        zeros = np.zeros(neg.shape, np.float32)
+        items = np.concatenate([items, neg], axis=1)
+        item_stats = np.concatenate([item_stats, stats.features(neg)], axis=1)
+        clicked, liked, disliked, watch = (
+            np.concatenate([x, zeros], axis=1) for x in (clicked, liked, disliked, watch)
+        )
+        out["negative_mask"] = torch.from_numpy(mask.astype(np.float32))
+    out.update(
+        {
+            "obs": _obs_to_torch(obs),
+            "items": torch.from_numpy(items),  # (b, k [+ m])
+            "item_stats": torch.from_numpy(item_stats),
+            "clicked": torch.from_numpy(clicked),  # (b, k [+ m])
+            "liked": torch.from_numpy(liked),
+            "disliked": torch.from_numpy(disliked),
+            "watch": torch.from_numpy(watch),
+        }
+    )
+    return out
 
 
 def _batch_loss(
@@ -386,12 +480,17 @@ def _batch_loss(
     ``forward``: the module whose call runs the ranker (its DistributedDataParallel wrapper
     under torch.distributed; the ranker itself otherwise). ``position_offsets`` (k,): added to
     the click logit of each position (position-as-a-feature training); ``click_weights`` (k,):
-    weight of a click at each position (inverse examination).
+    weight of a click at each position (inverse examination). Sampled catalog negatives (the
+    batch's items after the first ``n_shown``) enter the pointwise term only (see
+    :class:`RankerTrainConfig`).
     """
     fwd = ranker if forward is None else forward
-    out = fwd(batch["obs"], batch["items"], batch["item_stats"])  # (b, k, n_heads)
+    out = fwd(batch["obs"], batch["items"], batch["item_stats"])  # (b, k [+ m], n_heads)
     out = out.float()  # bf16 autocast: the losses in float32
-    y = batch["clicked"]
+    k = int(batch.get("n_shown", out.shape[1]))
+    neg_logit = out[:, k:, 0] if "negative_mask" in batch else None  # (b, m) sampled items
+    out = out[:, :k]  # the shown items: everything below is the loss without negatives
+    y = batch["clicked"][:, :k]
     click_logit = out[..., 0]
     if position_offsets is not None:
         click_logit = click_logit + position_offsets[None, :]  # (b, k): logit + offset of j
@@ -400,18 +499,26 @@ def _batch_loss(
         w = None
         if click_weights is not None:  # clicks weighted by 1 / examination, others by 1
             w = torch.where(y > 0, click_weights[None, :].expand_as(y), torch.ones_like(y))
-        loss = loss + config.pointwise_weight * pointwise_bce(click_logit, y, w)
-    if config.pairwise_weight:
+        if neg_logit is None:
+            loss = loss + config.pointwise_weight * pointwise_bce(click_logit, y, w)
+        else:  # sampled items: label 0, the top's offset (none), catalog_negative_weight each
+            shown = F.binary_cross_entropy_with_logits(click_logit, y, reduction="none")
+            sampled = F.softplus(neg_logit) * batch["negative_mask"]  # BCE of label 0
+            denom = float(max(y.numel(), 1)) if w is None else w.sum().clamp_min(1.0)
+            num = (shown if w is None else shown * w).sum()
+            num = num + config.catalog_negative_weight * sampled.sum()
+            loss = loss + config.pointwise_weight * num / denom
+    if config.pairwise_weight:  # shown items only
         loss = loss + config.pairwise_weight * pairwise_logistic(click_logit, y)
-    if config.head_weight and ranker.n_heads > 1:
+    if config.head_weight and ranker.n_heads > 1:  # given a click: shown items only
         for j, name in enumerate(ranker.config.heads[1:], start=1):
             o = out[..., j]
             if name == "like":
-                extra = pointwise_bce(o, batch["liked"], y)  # like given click
+                extra = pointwise_bce(o, batch["liked"][:, :k], y)  # like given click
             elif name == "dislike":
-                extra = pointwise_bce(o, batch["disliked"], y)
+                extra = pointwise_bce(o, batch["disliked"][:, :k], y)
             else:  # watch: log(1 + minutes) given click, squared error
-                target = torch.log1p(batch["watch"])
+                target = torch.log1p(batch["watch"][:, :k])
                 extra = ((o - target) ** 2 * y).sum() / y.sum().clamp_min(1.0)
             loss = loss + config.head_weight * extra
     return loss
@@ -505,6 +612,13 @@ def _train(
         mean_w = float(np.mean(np.where(train.clicked > 0, inv[None, :], 1.0)))
         click_weights = torch.from_numpy((inv / mean_w).astype(np.float32)).to(device)
         hist.examination = [float(x) for x in exam]
+    negatives = None
+    if config.catalog_negatives:
+        negatives = _CatalogNegatives(
+            ranker.catalog.release_time,
+            config.catalog_negatives,
+            _negative_rng(config, rank, world),
+        )
     opt = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, fused=True)
     forward: torch.nn.Module = ranker
     if world > 1:
@@ -542,7 +656,7 @@ def _train(
         for s in range(0, n_per_epoch, config.batch_size):
             rows = perm[s : s + config.batch_size]
             # the one place where a batch moves to the device
-            batch = to_device(_batch_tensors(stats, train, rows, config), device)
+            batch = to_device(_batch_tensors(stats, train, rows, config, negatives), device)
             if free is not None:
                 offsets = torch.cat([free.new_zeros(1), free])  # (k,): 0 at the top
             with autocast(device, config.precision):

@@ -42,6 +42,8 @@ def small():
         ({"own_log_epsilon": 2.0}, "own_log_epsilon"),
         ({"heads": ("like",)}, "heads"),
         ({"max_slates_per_epoch": 0}, "max_slates_per_epoch"),
+        ({"catalog_negatives": -1}, "catalog_negatives"),
+        ({"catalog_negatives": 2.5}, "catalog_negatives"),
     ],
 )
 def test_recipe_validation(kw, match):
@@ -90,3 +92,24 @@ def test_append_log_training_period_only(small):
     np.testing.assert_array_equal(
         out.train_counts, np.bincount(pos[Columns.ITEM], minlength=world.n_items)
     )
+
+
+def test_catalog_negatives_reach_the_train_config(small, monkeypatch):
+    import benchmarks.recipes as recipes
+    from benchmarks.ranker import variants
+
+    _, _, data, _ = small
+    seen = {}
+
+    def fake_train(ranker, log, sequences, config, valid_log=None):
+        seen["config"] = config
+        return None
+
+    monkeypatch.setattr(recipes, "train_ranker", fake_train)
+    recipes.train_recipe_ranker(data, CURRENT.replace(catalog_negatives=16), seed=0)
+    assert seen["config"].catalog_negatives == 16
+    recipes.train_recipe_ranker(data, CURRENT, seed=0)
+    assert seen["config"].catalog_negatives == 0 and CURRENT.catalog_negatives == 0
+    var = {v.name: v for v in variants((1.0,))}["catalog negatives (16 per slate)"]
+    assert var.recipe == CURRENT.replace(catalog_negatives=16)
+    assert var.factor == "(b) exposure" and var.direction == ">"
