@@ -69,6 +69,8 @@ class LoopConfig:
             (0: none): items the generator would never retrieve reach the ranker, and the
             slate's epsilon-greedy exploration, when on, draws among them too.
         explore_kind: that source: ``"uniform"`` released items or ``"new"`` (the newest).
+        catalog_negatives: uniformly drawn released items appended to each training slate of
+            the ranker as non-clicks (``RankerTrainConfig.catalog_negatives``; 0: none).
     """
 
     rounds: int = 4
@@ -89,6 +91,7 @@ class LoopConfig:
     memory: bool = False
     explore_quota: int = 0
     explore_kind: str = "uniform"
+    catalog_negatives: int = 0
 
     def __post_init__(self) -> None:
         if self.generator_target not in GENERATOR_TARGETS:
@@ -112,6 +115,9 @@ class LoopConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not 0.0 <= self.epsilon <= 1.0 or not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError("epsilon and distill_weight must be in [0, 1]")
+        c = self.catalog_negatives
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"catalog_negatives must be an integer >= 0, got {c!r}")
         if self.uniform_negatives < 0:
             raise ValueError(f"uniform_negatives must be >= 0, got {self.uniform_negatives}")
         if self.distill_loss not in DISTILL_LOSSES:
@@ -196,6 +202,7 @@ def closed_loop(
             seq,
             RankerTrainConfig(
                 epochs=cfg.ranker_epochs,
+                catalog_negatives=cfg.catalog_negatives,
                 history_length=length,
                 progress=False,
                 seed=seed + r,

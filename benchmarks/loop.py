@@ -93,6 +93,7 @@ class LoopExperimentConfig(ExperimentConfig):
             **common, exploration="epsilon", epsilon=self.epsilon, generator_target="both",
             distill_weight=self.distill_weight, uniform_negatives=1024, heads=IMPROVED.heads,
             memory=IMPROVED.memory, explore_quota=self.explore_quota, explore_kind=self.explore_kind,
+            catalog_negatives=IMPROVED.catalog_negatives,
         )  # fmt: skip
         return {
             GREEDY: LoopConfig(
@@ -145,7 +146,7 @@ def _report(
         "a t interval over the per-seed effects). Concentration statistics are one number per round and seed: their "
         "interval is over seeds (none with one seed). "
         f"Improved loop: ranker heads {', '.join(IMPROVED.heads)}, served {'with' if IMPROVED.memory else 'without'} the "
-        f"user's logged history, generator = positives + KL distillation (lambda {cfg.distill_weight:g}), epsilon-greedy slates "
+        f"user's logged history, {IMPROVED.catalog_negatives} catalog negatives per ranker training slate, generator = positives + KL distillation (lambda {cfg.distill_weight:g}), epsilon-greedy slates "
         f"(epsilon {cfg.epsilon:g}) over the generator's {cfg.quota} candidates plus {cfg.explore_quota} from an exploration "
         f"source ({cfg.explore_kind} released items).",
     )

@@ -118,6 +118,7 @@ def variants(volumes: tuple[float, ...]) -> list[Variant]:
 QUICK_VARIANTS = (
     "1 logged episodes per user",
     "log: + own closed-loop log",
+    "catalog negatives (16 per slate)",
     "position as a feature",
     "expected reward (click + like - dislike heads)",
     "no crosses",
@@ -289,7 +290,7 @@ def _report(cfg, ctx, todo, rows, ref_rows, test, valid, oracle_test) -> None:
         f"The improved recipe: log {IMPROVED.policy} (epsilon {IMPROVED.epsilon:g}, {IMPROVED.episodes_per_user:g} episodes per user), "
         f"heads {', '.join(IMPROVED.heads)}, position {IMPROVED.position}, memory {'on' if IMPROVED.memory else 'off'}, "
         f"{IMPROVED.own_log_rounds} round(s) of self-logging ({IMPROVED.own_log_episodes:g} episodes per user, epsilon "
-        f"{IMPROVED.own_log_epsilon:g}).",
+        f"{IMPROVED.own_log_epsilon:g}), {IMPROVED.catalog_negatives} catalog negatives per training slate.",
     )
     table = rep.seed_table(
         "Single-stage reward by variant (test users)", rows, ["valid_reward", "valid_auc", "train_s", "rollout_s"],
