@@ -82,8 +82,8 @@ class ConsistencyConfig(ExperimentConfig):
         "test rollouts of every loss at every K (false: every loss at select_k, positives only "
         "and the loss chosen on validation at every K)",
     )
-    valid_users: int = param(120, "validation users per rollout (choices)")
-    test_users: int = param(250, "test users per rollout (verdicts)")
+    valid_users: int = param(100, "validation users per rollout (choices)")
+    test_users: int = param(200, "test users per rollout (verdicts)")
     noise_levels: tuple[float, ...] = param(
         (2.0,), "regime map: ranker error in standard deviations of its scores (0 = the ranker)"
     )

@@ -43,7 +43,7 @@ class LoopExperimentConfig(ExperimentConfig):
     """Closed-loop rounds: the greedy loop vs the improved loop (with and without the exploration source)."""
 
     rounds: int = param(3, "retrain-and-act rounds after the random start")
-    users_per_round: int = param(1_500, "user episodes per round")
+    users_per_round: int = param(1_000, "user episodes per round")
     quota: int = param(200, "K candidates from the generator")
     epsilon: float = param(0.1, "epsilon-greedy exploration of the improved loop")
     explore_quota: int = param(20, "candidates per request from the exploration source")

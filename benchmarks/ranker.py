@@ -140,8 +140,8 @@ class RankerExperimentConfig(ExperimentConfig):
     variants: tuple[str, ...] = param(
         QUICK_VARIANTS, "run only these variants (names as in the table; empty: all)"
     )
-    valid_users: int = param(100, "validation users per rollout (choices)")
-    test_users: int = param(250, "test users per rollout (verdicts)")
+    valid_users: int = param(80, "validation users per rollout (choices)")
+    test_users: int = param(200, "test users per rollout (verdicts)")
     generator_epochs: int | None = param(
         None, "epochs of the self-logging agent's generator (none: the recipe's)"
     )
