@@ -95,24 +95,24 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.ope",
 ]
 
-#: Minutes of each experiment's full profile with 3 seeds and one thread, as measured (beside
-#: a second experiment on a 2-core machine). Only the parallel backends read it: they submit
+#: Minutes of each experiment's full profile with 3 seeds and one thread, estimated from runs
+#: beside a second experiment on a 2-core machine (one seed x 3 where only one was timed). Only the parallel backends read it: they submit
 #: the longest experiments first. An experiment missing here counts as 1 minute.
 FULL_MINUTES: dict[str, float] = {
     "ranker": 60.0,
-    "consistency": 60.0,
+    "consistency": 50.0,
     "loop": 40.0,
     "rl": 30.0,
     "losses": 18.1,
     "ope": 15.0,
-    "movielens": 10.0,
-    "perf": 10.0,
-    "folding": 8.0,
-    "user-towers": 8.0,
-    "item-towers": 6.0,
-    "baselines": 6.0,
-    "similarity": 6.0,
-    "dimension": 6.0,
+    "folding": 12.6,
+    "similarity": 10.2,
+    "item-towers": 9.3,
+    "user-towers": 9.0,
+    "baselines": 8.0,
+    "movielens": 8.0,
+    "perf": 8.0,
+    "dimension": 7.2,
     "perf-env": 0.5,
 }
 
