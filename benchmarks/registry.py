@@ -97,7 +97,8 @@ EXPERIMENT_MODULES: list[str] = [
 
 #: Minutes of each experiment's full profile with 3 seeds and one thread, estimated from runs
 #: beside a second experiment on a 2-core machine (one seed x 3 where only one was timed).
-#: Only the parallel backends read it: they submit the longest experiments first. An experiment missing here counts as 1 minute.
+#: Only the parallel backends read it: they submit the longest experiments first. An experiment
+#: missing here counts as 1 minute.
 FULL_MINUTES: dict[str, float] = {
     "ranker": 60.0,
     "consistency": 50.0,
