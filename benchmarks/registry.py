@@ -95,26 +95,27 @@ EXPERIMENT_MODULES: list[str] = [
     "benchmarks.ope",
 ]
 
-#: Minutes of each experiment's full profile with 3 seeds and one thread, estimated from runs
-#: beside a second experiment on a 2-core machine (one seed x 3 where only one was timed).
-#: Only the parallel backends read it: they submit the longest experiments first. An experiment
-#: missing here counts as 1 minute.
+#: Minutes of each experiment's full profile with 3 seeds and one thread, measured in the
+#: published run of 9f34c57 (two experiments at a time on a 2-core machine). Only the parallel
+#: backends read it: they submit the longest experiments first (with these numbers the two
+#: workers' loads come out within a minute of each other). An experiment missing here counts
+#: as 1 minute.
 FULL_MINUTES: dict[str, float] = {
-    "ranker": 60.0,
-    "consistency": 50.0,
-    "loop": 40.0,
-    "rl": 30.0,
-    "losses": 18.1,
-    "ope": 15.0,
-    "folding": 12.6,
-    "similarity": 10.2,
-    "item-towers": 9.3,
-    "user-towers": 9.0,
-    "baselines": 8.0,
-    "movielens": 8.0,
-    "perf": 8.0,
-    "dimension": 7.2,
-    "perf-env": 0.5,
+    "ranker": 46.0,
+    "consistency": 44.2,
+    "movielens": 32.6,
+    "loop": 20.2,
+    "user-towers": 13.0,
+    "losses": 12.2,
+    "rl": 11.6,
+    "ope": 11.3,
+    "folding": 7.1,
+    "item-towers": 6.9,
+    "similarity": 4.7,
+    "perf": 3.9,
+    "dimension": 3.2,
+    "baselines": 1.3,
+    "perf-env": 0.7,
 }
 
 RESERVED_NAMES = frozenset({"all", "list"})
