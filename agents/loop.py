@@ -22,6 +22,7 @@ from agents.memory import UserMemory
 from agents.pipeline import ExplorationSource, MultiStagePipeline, Source, reward_head_weights
 from agents.rollout import mean_ci, rollout
 from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
+from ranking.train import MAX_CATALOG_NEGATIVES
 from retrieval.losses import NegativeSamplerConfig, RetrievalLossConfig
 from retrieval.metrics import leakage_at_k, mean_over_users
 from retrieval.model import TwoTowerConfig, TwoTowerGenerator, TwoTowerModel
@@ -29,6 +30,7 @@ from retrieval.similarity import SimilarityConfig
 from retrieval.train import TrainConfig, fit_two_tower
 from simenv.batched_env import BatchedRecEnv
 from simenv.clock import released
+from simenv.config import check_range
 from simenv.history import EventSequences, impression_examples
 from simenv.log import ImpressionLog
 from simenv.types import Columns
@@ -115,9 +117,9 @@ class LoopConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not 0.0 <= self.epsilon <= 1.0 or not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError("epsilon and distill_weight must be in [0, 1]")
-        c = self.catalog_negatives
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-            raise ValueError(f"catalog_negatives must be an integer >= 0, got {c!r}")
+        check_range(
+            "catalog_negatives", self.catalog_negatives, 0, MAX_CATALOG_NEGATIVES, integer=True
+        )
         if self.uniform_negatives < 0:
             raise ValueError(f"uniform_negatives must be >= 0, got {self.uniform_negatives}")
         if self.distill_loss not in DISTILL_LOSSES:

@@ -23,7 +23,8 @@ from agents.memory import UserMemory
 from agents.pipeline import reward_head_weights
 from benchmarks.common import POLICIES, OfflineData, get_log, get_world, prepare_offline
 from ranking import Ranker, RankerConfig, RankerTrainConfig, train_ranker
-from simenv.config import EnvConfig, RewardConfig
+from ranking.train import MAX_CATALOG_NEGATIVES
+from simenv.config import EnvConfig, RewardConfig, check_range
 from simenv.history import EventSequences
 from simenv.log import ImpressionLog
 from simenv.types import Columns
@@ -111,9 +112,9 @@ class RankerRecipe:
             raise ValueError(f"episodes_per_user must be > 0, got {self.episodes_per_user}")
         if self.position not in POSITION_MODES:
             raise ValueError(f"position must be one of {POSITION_MODES}, got {self.position!r}")
-        c = self.catalog_negatives
-        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= 100_000:
-            raise ValueError(f"catalog_negatives must be an integer in [0, 100000], got {c!r}")
+        check_range(
+            "catalog_negatives", self.catalog_negatives, 0, MAX_CATALOG_NEGATIVES, integer=True
+        )
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
         m = self.max_slates_per_epoch

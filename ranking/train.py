@@ -52,7 +52,11 @@ from simenv.history import EventSequences, impression_examples, take_obs
 from simenv.log import ImpressionLog
 from simenv.types import Columns, EventType, ItemCatalog, Obs
 
+#: The most catalog negatives a training slate may get (``RankerTrainConfig``).
+MAX_CATALOG_NEGATIVES = 100_000
+
 __all__ = [
+    "MAX_CATALOG_NEGATIVES",
     "RankerTrainConfig",
     "TrainHistory",
     "SlateData",
@@ -182,7 +186,7 @@ class RankerTrainConfig:
             raise ValueError(
                 f"position_debias must be one of {POSITION_DEBIAS}, got {self.position_debias!r}"
             )
-        _check("catalog_negatives", self.catalog_negatives, 0, 100_000, integer=True)
+        _check("catalog_negatives", self.catalog_negatives, 0, MAX_CATALOG_NEGATIVES, integer=True)
         _check("catalog_negative_weight", self.catalog_negative_weight, 0.0, 1e6)
         if self.early_stopping not in ("auc", "logloss"):
             raise ValueError(
