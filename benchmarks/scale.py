@@ -54,6 +54,7 @@ import numpy as np
 
 from benchmarks.registry import ExperimentConfig, experiment, param
 from benchmarks.runner import RunContext, derive_seed
+from simenv.atomic import atomic_write
 
 STAGES = ("world", "collect", "train", "retrieve")
 _GIB = 1024.0**3
@@ -247,6 +248,11 @@ def _catalog(p: dict[str, Any]) -> Any:
     )
 
 
+def _save_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a resumed run never reads half a file)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj).encode()))
+
+
 def stage_world(p: dict[str, Any]) -> dict[str, Any]:
     """Build the world; save its public catalog for the later stages (not timed)."""
     st = _Stage()
@@ -258,17 +264,16 @@ def stage_world(p: dict[str, Any]) -> dict[str, Any]:
     d = Path(p["dir"])
     d.mkdir(parents=True, exist_ok=True)
     cat = world.catalog
-    np.save(d / "title_tokens.npy", cat.title_tokens)
-    np.save(d / "categorical.npy", cat.categorical)
-    np.save(d / "release_time.npy", cat.release_time)
-    (d / "catalog.json").write_text(
-        json.dumps(
-            {
-                "vocab_size": int(cat.vocab_size),
-                "categorical_names": list(cat.categorical_names),
-                "categorical_cardinalities": [int(c) for c in cat.categorical_cardinalities],
-            }
-        )
+    for name in ("title_tokens", "categorical", "release_time"):
+        arr = getattr(cat, name)
+        atomic_write(d / f"{name}.npy", lambda f, a=arr: np.save(f, a))
+    _save_json(
+        d / "catalog.json",
+        {
+            "vocab_size": int(cat.vocab_size),
+            "categorical_names": list(cat.categorical_names),
+            "categorical_cardinalities": [int(c) for c in cat.categorical_cardinalities],
+        },
     )
     return out
 
@@ -534,7 +539,7 @@ def _stage_entry(name: str, p: dict[str, Any], result: str) -> None:
     """Entry of a fresh stage process: run the stage, write its result as JSON."""
     os.environ.setdefault("OMP_NUM_THREADS", str(p.get("threads", 1)))
     out = _STAGE_FNS[name](p)
-    Path(result).write_text(json.dumps(out))
+    _save_json(Path(result), out)
 
 
 def run_stage(name: str, p: dict[str, Any], fresh: bool) -> dict[str, Any]:
@@ -612,7 +617,7 @@ def run(cfg: ScaleConfig, ctx: RunContext) -> None:
                 with ctx.timer(f"{stage}_n{n}"):
                     res[n][stage] = run_stage(stage, p, cfg.fresh_processes)
                 r = res[n][stage]
-                saved.write_text(json.dumps({"params": p, "result": r}))
+                _save_json(saved, {"params": p, "result": r})
                 ctx.log(f"N={n:,}: {stage} {r['seconds']:.1f} s, peak {r['peak_gib']} GiB")
         ctx.log("side by side: smallest vs largest N")
         p = {
@@ -627,7 +632,7 @@ def run(cfg: ScaleConfig, ctx: RunContext) -> None:
             ctx.log(f"side by side reused from {saved}")
         else:
             sbs = run_stage("side_by_side", p, cfg.fresh_processes)
-            saved.write_text(json.dumps({"params": p, "result": sbs}))
+            _save_json(saved, {"params": p, "result": sbs})
     finally:
         if not cfg.keep_data:
             shutil.rmtree(root, ignore_errors=True)
