@@ -353,8 +353,12 @@ def self_logging_round(
 @functools.lru_cache(maxsize=3)
 def _self_logged(quick: bool, seed: int, recipe: RankerRecipe, threads: int | None) -> OfflineData:
     """The recipe's data after its self-logging rounds (cached: the rounds train models)."""
-    data = recipe_data(quick, seed, recipe.base)
-    for r in range(recipe.own_log_rounds):
+    if recipe.own_log_rounds > 1:  # the rounds before the last are the shorter recipe's (cached)
+        first = recipe.own_log_rounds - 1
+        data = _self_logged(quick, seed, recipe.replace(own_log_rounds=first), threads)
+    else:
+        first, data = 0, recipe_data(quick, seed, recipe.base)
+    for r in range(first, recipe.own_log_rounds):
         ranker, _ = train_recipe_ranker(data, recipe.base, seed + r, threads)
         own = self_logging_round(
             data,

@@ -38,7 +38,7 @@ SMOKE = {
     "ranker": {
         "log_scale": "0.07", "max_slates_per_epoch": "400", "valid_users": "12", "test_users": "16",
         "generator_epochs": "1", "volumes": "1.0",
-        "variants": "log: + own closed-loop log,position as a feature",
+        "variants": "log: + own closed-loop log,improved + a second self-logging round",
     },
     "perf-env": {
         "n_items": "2000", "batch": "200", "sync_batch": "4", "steps": "3", "sync_steps": "2",
@@ -171,11 +171,19 @@ def test_ranker(tmp_path):
     assert names == [
         "current recipe",
         "log: + own closed-loop log",
-        "position as a feature",
         "improved recipe",
+        "improved + a second self-logging round",
     ]
+    policy = {r["model"]: r["policy"] for r in variants["rows"]}
+    assert policy["improved + a second self-logging round"].endswith("+ own log + own log")
+    assert policy["improved recipe"].endswith(")" + " + own log")
     diag = next(t for t in doc["tables"] if t["title"].startswith("Diagnosis"))
     assert [r["variant"] for r in diag["rows"]] == names[1:]
+    against = [r["against"] for r in diag["rows"]]
+    assert against == ["current recipe", "current recipe", "improved recipe"]
+    second = next(f for f in doc["findings"] if f["text"].startswith("(b) exposure: improved +"))
+    assert second["text"].endswith("over the improved recipe")
+    assert second["metric"].endswith("(relative to the improved recipe)")
     shares = doc["results"]["oracle_share"]
     assert 0 < shares["current"][0] < 1 and 0 < shares["improved"][0] < 1
 
