@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 
 from agents.base import ExpectedRewardOracle, GreedyUtilityOracle
 from agents.pipeline import SingleStageAgent
+from agents.probe import UtilityProbe
 from agents.rollout import rollout
 from benchmarks.common import (
     env_config,
@@ -52,6 +53,7 @@ from benchmarks.registry import ExperimentConfig, experiment, param
 from benchmarks.runner import RunContext
 from benchmarks.stats import paired_effect_over_seeds
 from simenv import BatchedRecEnv
+from simenv.types import Columns
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,7 @@ def run(cfg: RankerExperimentConfig, ctx: RunContext) -> None:
     valid: dict[str, list[float]] = {}
     oracle_test: list[np.ndarray] = []
     ref_rows: list[dict[str, Any]] = []
+    probe_rows: list[dict[str, Any]] = []
     for seed in ctx.seeds:
         base = recipe_data(ctx.quick, seed, current)
         world, k = base.world, base.env.slate_size
@@ -254,7 +257,9 @@ def run(cfg: RankerExperimentConfig, ctx: RunContext) -> None:
         env = BatchedRecEnv(min(4096, max(users_v.size, users_t.size)), base.env, world=world)
         seed_v, seed_t = ctx.seed_int(seed, "valid-rollout"), ctx.seed_int(seed, "test-rollout")
         for oracle in (GreedyUtilityOracle(env), ExpectedRewardOracle(env)):
-            res = rollout(env, oracle, users_t.size, seed=seed_t, users=users_t)
+            probe = UtilityProbe(oracle, env, _exposure(base))
+            res = rollout(env, probe, users_t.size, seed=seed_t, users=users_t)
+            probe_rows.append(_probe_row(wl, "reads the truth", oracle.name, seed, probe))
             if oracle.name == GreedyUtilityOracle.name:
                 oracle_test.append(res.outcomes["reward"])
             ref_rows.append(
@@ -281,25 +286,44 @@ def run(cfg: RankerExperimentConfig, ctx: RunContext) -> None:
             agent = serve(SingleStageAgent(ranker, k), var.recipe, data)
             with ctx.timer("rollout") as t_roll:
                 r_v = rollout(env, agent, users_v.size, seed=seed_v, users=users_v)
-                r_t = rollout(env, agent, users_t.size, seed=seed_t, users=users_t)
+                probe = UtilityProbe(agent, env, _exposure(data)) if var.name in PROBED else None
+                r_t = rollout(env, probe or agent, users_t.size, seed=seed_t, users=users_t)
+            probe_s = 0.0 if probe is None else probe.seconds  # measuring is not serving
+            if probe is not None:
+                probe_rows.append(_probe_row(wl, data.label, var.name, seed, probe))
             valid.setdefault(var.name, []).append(float(r_v.outcomes["reward"].mean()))
             test.setdefault(var.name, []).append(r_t.outcomes["reward"])
             rows.append({
                 "world": wl, "policy": data.label, "model": var.name, "factor": var.factor, "seed": seed,
-                "wall_s": t_train.seconds + t_roll.seconds, "train_s": t_train.seconds, "rollout_s": t_roll.seconds,
+                "wall_s": t_train.seconds + t_roll.seconds - probe_s, "train_s": t_train.seconds,
+                "rollout_s": t_roll.seconds - probe_s,
                 "valid_auc": hist.valid_auc[hist.best_epoch] if hist.valid_auc else float("nan"),
                 "valid_reward": float(r_v.outcomes["reward"].mean()),
                 "reward": r_t.outcomes["reward"], "slates": r_t.outcomes["slates"], "likes": r_t.outcomes["likes"],
             })  # fmt: skip
             ctx.log(
                 f"seed {seed} {var.name}: valid {valid[var.name][-1]:.2f}, test {r_t.outcomes['reward'].mean():.2f} "
-                f"(train {t_train.seconds:.0f} s, rollouts {t_roll.seconds:.0f} s)"
+                f"(train {t_train.seconds:.0f} s, rollouts {t_roll.seconds - probe_s:.0f} s)"
             )
             del data
-    _report(cfg, ctx, todo, rows, ref_rows, test, valid, oracle_test)
+    _report(cfg, ctx, todo, rows, ref_rows, test, valid, oracle_test, probe_rows)
 
 
-def _report(cfg, ctx, todo, rows, ref_rows, test, valid, oracle_test) -> None:
+#: Variants whose test rollouts are probed against the truth (:class:`agents.probe.UtilityProbe`).
+PROBED = ("current recipe", "improved recipe", "improved + a second self-logging round")
+
+
+def _exposure(data: Any) -> np.ndarray:
+    """Impressions per item in the training log the variant's ranker learned from."""
+    return np.bincount(data.train[Columns.ITEM], minlength=data.world.n_items).astype(np.float64)
+
+
+def _probe_row(world: str, policy: str, model: str, seed: int, probe: UtilityProbe) -> dict:
+    return {"world": world, "policy": policy, "model": model, "seed": seed, "wall_s": 0.0,
+            **{k: v for k, v in probe.summary().items() if k not in ("rows", "unmatched")}}  # fmt: skip
+
+
+def _report(cfg, ctx, todo, rows, ref_rows, test, valid, oracle_test, probe_rows) -> None:
     rep = ctx.report
     current = todo[0].recipe
     rep.section(
@@ -324,6 +348,18 @@ def _report(cfg, ctx, todo, rows, ref_rows, test, valid, oracle_test) -> None:
     rep.seed_table(
         "References: the oracles (test users; they read the truth)", ref_rows, [],
         online=["reward", "slates", "likes"], fmt=".3f",
+    )  # fmt: skip
+    rep.seed_table(
+        "Where the served items sit in the user's true utility (test users; probed)", probe_rows,
+        ["percentile", "oracle_overlap", "in_group", "oracle_never_shown", "served_never_shown",
+         "oracle_log_impressions", "served_log_impressions", "reachable_items"], fmt=".3f",
+        note="Every step of the test rollouts, against the simulator's truth for that user at that moment "
+        "(agents.probe.UtilityProbe; the probe reads the state and changes nothing): percentile = share of the "
+        "user's reachable released items with lower true click utility than a served item (1 = the top); "
+        "oracle_overlap = share of the slate among the greedy-utility oracle's top-10; in_group = share in the "
+        "user's group; *_never_shown = share of the oracle's top-10 / of the served items with no impression in "
+        "the training log the ranker learned from; *_log_impressions = mean log(1 + impressions); "
+        "reachable_items = released items of finite utility per user.",
     )  # fmt: skip
     eff_rows = []
     findings = []

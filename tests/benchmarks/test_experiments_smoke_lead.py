@@ -181,6 +181,13 @@ def test_ranker(tmp_path):
     assert [r["variant"] for r in diag["rows"]] == names[1:]
     against = [r["against"] for r in diag["rows"]]
     assert against == ["current recipe", "current recipe", "improved recipe"]
+    probed = next(t for t in doc["tables"] if t["title"].startswith("Where the served items sit"))
+    by = {r["model"]: r for r in probed["rows"]}
+    assert set(by) == {"oracle-utility", "oracle-expected-reward", "current recipe",
+                       "improved recipe", "improved + a second self-logging round"}  # fmt: skip
+    assert by["oracle-utility"]["oracle_overlap"]["mean"] > 0.99
+    for r in probed["rows"]:
+        assert 0 <= r["percentile"]["mean"] <= 1 and 0 <= r["oracle_never_shown"]["mean"] <= 1
     second = next(f for f in doc["findings"] if f["text"].startswith("(b) exposure: improved +"))
     assert second["text"].endswith("over the improved recipe")
     assert second["metric"].endswith("(relative to the improved recipe)")
