@@ -130,6 +130,14 @@ def improved_variants() -> list[Variant]:
             against=IMPROVED_NAME,
         ),
         Variant(
+            "improved, 4x the training budget",  # 2x epochs, 2x slates per epoch (--quick caps slates)
+            FACTORS["e"],
+            i.replace(
+                epochs=2 * i.epochs, max_slates_per_epoch=2 * (i.max_slates_per_epoch or 100_000)
+            ),
+            against=IMPROVED_NAME,
+        ),
+        Variant(
             "improved + 1 own-log episode per user per round",
             FACTORS["b"],
             i.replace(own_log_episodes=2 * i.own_log_episodes),
@@ -310,7 +318,7 @@ def run(cfg: RankerExperimentConfig, ctx: RunContext) -> None:
 
 
 #: Variants whose test rollouts are probed against the truth (:class:`agents.probe.UtilityProbe`).
-PROBED = ("current recipe", "improved recipe", "improved + a second self-logging round")
+PROBED = ("current recipe", "improved recipe", *(v.name for v in improved_variants()))
 
 
 def _exposure(data: Any) -> np.ndarray:
