@@ -130,7 +130,7 @@ def improved_variants() -> list[Variant]:
             against=IMPROVED_NAME,
         ),
         Variant(
-            "improved, 4x the training budget",  # 2x epochs, 2x slates per epoch (--quick caps slates)
+            "improved with 4x the training budget",  # 2x epochs, 2x slates per epoch (--quick caps slates)
             FACTORS["e"],
             i.replace(
                 epochs=2 * i.epochs, max_slates_per_epoch=2 * (i.max_slates_per_epoch or 100_000)

@@ -113,3 +113,17 @@ def test_catalog_negatives_reach_the_train_config(small, monkeypatch):
     var = {v.name: v for v in variants((1.0,))}["catalog negatives (16 per slate)"]
     assert var.recipe == CURRENT.replace(catalog_negatives=16)
     assert var.factor == "(b) exposure" and var.direction == ">"
+
+
+def test_every_variant_can_be_named_on_the_command_line():
+    from benchmarks.ranker import IMPROVED_NAME, RankerExperimentConfig, improved_variants, variants
+    from benchmarks.registry import make_config
+
+    every = variants((1.0, 10.0)) + improved_variants()
+    assert all("," not in v.name for v in every)  # --set variants=a,b splits on commas
+    names = ",".join(v.name for v in improved_variants())
+    cfg = make_config(RankerExperimentConfig, quick=True, overrides={"variants": names})
+    assert cfg.variants == tuple(v.name for v in improved_variants())
+    assert all(v.against == IMPROVED_NAME for v in improved_variants())
+    second = improved_variants()[0].recipe
+    assert second == IMPROVED.replace(own_log_rounds=IMPROVED.own_log_rounds + 1)
