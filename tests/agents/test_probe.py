@@ -32,7 +32,9 @@ def test_the_oracle_sits_at_the_top_and_random_does_not(world):
     assert o["percentile"] == pytest.approx(1 - (cfg.slate_size + 1) / (2 * n), abs=0.01)
     assert r["oracle_overlap"] < 0.1 and r["percentile"] < 0.75 and r["in_group"] < 0.6
     assert o["oracle_never_shown"] == 1.0 and o["served_never_shown"] == 1.0
-    assert r["oracle_never_shown"] == 0.0 and r["served_log_impressions"] == pytest.approx(np.log(2))
+    assert r["oracle_never_shown"] == 0.0 and r["served_log_impressions"] == pytest.approx(
+        np.log(2)
+    )
 
 
 def test_probing_changes_no_outcome(world):
