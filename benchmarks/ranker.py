@@ -417,7 +417,8 @@ def _report(cfg, ctx, todo, rows, ref_rows, test, valid, oracle_test, probe_rows
                 "chosen": bool(gain > 0),
             }
         )
-    rep.table("Validation choice per factor", choice_rows, fmt={"valid gain": "+.2f"})
+    if choice_rows:  # none when only variants of the improved recipe ran
+        rep.table("Validation choice per factor", choice_rows, fmt={"valid gain": "+.2f"})
     ranked = sorted(
         (r for r in eff_rows if r["variant"] != IMPROVED_NAME),
         key=lambda r: -r["test reward"],
