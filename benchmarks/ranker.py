@@ -264,8 +264,9 @@ def run(cfg: RankerExperimentConfig, ctx: RunContext) -> None:
         )
         env = BatchedRecEnv(min(4096, max(users_v.size, users_t.size)), base.env, world=world)
         seed_v, seed_t = ctx.seed_int(seed, "valid-rollout"), ctx.seed_int(seed, "test-rollout")
+        base_exposure = _exposure(base)
         for oracle in (GreedyUtilityOracle(env), ExpectedRewardOracle(env)):
-            probe = UtilityProbe(oracle, env, _exposure(base))
+            probe = UtilityProbe(oracle, env, base_exposure)
             res = rollout(env, probe, users_t.size, seed=seed_t, users=users_t)
             probe_rows.append(_probe_row(wl, "reads the truth", oracle.name, seed, probe))
             if oracle.name == GreedyUtilityOracle.name:
@@ -318,7 +319,7 @@ def run(cfg: RankerExperimentConfig, ctx: RunContext) -> None:
 
 
 #: Variants whose test rollouts are probed against the truth (:class:`agents.probe.UtilityProbe`).
-PROBED = ("current recipe", "improved recipe", *(v.name for v in improved_variants()))
+PROBED = ("current recipe", IMPROVED_NAME, *(v.name for v in improved_variants()))
 
 
 def _exposure(data: Any) -> np.ndarray:
